@@ -1,0 +1,226 @@
+"""The store catalog: parsing the TOML file, validating it, and looking items up.
+
+Pure code: no I/O beyond reading the file the caller names.  A catalog file is
+validated whole before anything is published; the first problem found is
+reported with the item (by sku) and the field it is in (PROTOCOL.md §7).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from protocol.messages import MAX_GEMS, CatalogItem, Delivery, ItemKind, ItemStatus
+
+__all__ = [
+    "Catalog",
+    "CatalogDocument",
+    "CatalogFileError",
+    "GameSpec",
+    "ItemSpec",
+    "demo_catalog_text",
+    "parse_catalog",
+]
+
+Sku = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+GameCode = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.\-]+$")]
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+Label = Annotated[str, Meta(min_length=1, max_length=64)]
+Price = Annotated[int, Meta(ge=0, le=MAX_GEMS)]
+MaxQuantity = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+
+
+class CatalogFileError(ValueError):
+    """An invalid catalog file; the message names the item and field."""
+
+
+class GameSpec(Struct, forbid_unknown_fields=True):
+    code: GameCode
+    name: Name
+
+
+class ItemSpec(Struct, kw_only=True, forbid_unknown_fields=True):
+    sku: Sku
+    name: Name
+    kind: ItemKind
+    price: Price
+    game: GameCode | None = None
+    category: Label = "general"
+    delivery: Delivery = Delivery.IN_GAME
+    slot: Label | None = None
+    stackable: bool = False
+    max_quantity: MaxQuantity | None = None
+    status: ItemStatus = ItemStatus.ACTIVE
+    metadata: dict[str, Any] = {}
+
+    @property
+    def limit(self) -> int | None:
+        """How many a user may hold: 1 for a non-stackable item."""
+        return self.max_quantity if self.stackable else 1
+
+    def to_wire(self) -> CatalogItem:
+        return CatalogItem(
+            sku=self.sku,
+            name=self.name,
+            game=self.game,
+            category=self.category,
+            kind=self.kind,
+            delivery=self.delivery,
+            price=self.price,
+            slot=self.slot,
+            stackable=self.stackable,
+            max_quantity=self.max_quantity,
+            status=self.status,
+            metadata=self.metadata,
+        )
+
+
+class CatalogDocument(Struct, forbid_unknown_fields=True):
+    games: list[GameSpec] = []
+    items: list[ItemSpec] = []
+
+
+_PATH = re.compile(r"\$\.(games|items)\[(\d+)\](?:\.(\w+))?")
+
+
+def _locate(raw: dict[str, Any], path: str) -> str:
+    """Turn a msgspec path like ``$.items[3].price`` into words naming the sku."""
+    match = _PATH.search(path)
+    if match is None:
+        return "catalog"
+    table, index, fieldname = match.group(1), int(match.group(2)), match.group(3)
+    entries = raw.get(table)
+    ident: Any = None
+    if isinstance(entries, list) and index < len(entries) and isinstance(entries[index], dict):
+        ident = entries[index].get("sku" if table == "items" else "code")
+    where = f"{table[:-1]} {ident!r}" if isinstance(ident, str) else f"{table[:-1]} #{index + 1}"
+    return f"{where}, field {fieldname!r}" if fieldname else where
+
+
+def _check(doc: CatalogDocument) -> None:
+    games: set[str] = set()
+    for game in doc.games:
+        if game.code in games:
+            raise CatalogFileError(f"game {game.code!r}, field 'code': duplicate game code")
+        games.add(game.code)
+    skus: set[str] = set()
+    for item in doc.items:
+        where = f"item {item.sku!r}"
+        if item.sku in skus:
+            raise CatalogFileError(f"{where}, field 'sku': duplicate sku")
+        skus.add(item.sku)
+        if item.game is not None and item.game not in games:
+            raise CatalogFileError(f"{where}, field 'game': no game {item.game!r} in [[games]]")
+        if item.kind is ItemKind.CONSUMABLE and item.slot is not None:
+            raise CatalogFileError(f"{where}, field 'slot': consumables cannot be equipped")
+        if not item.stackable and item.max_quantity not in (None, 1):
+            raise CatalogFileError(
+                f"{where}, field 'max_quantity': a non-stackable item is held once"
+            )
+        try:
+            msgspec.json.encode(item.metadata)
+        except (TypeError, msgspec.EncodeError):
+            raise CatalogFileError(
+                f"{where}, field 'metadata': values must be plain data"
+            ) from None
+
+
+def parse_catalog(text: str) -> CatalogDocument:
+    """Parse and validate catalog TOML; raise ``CatalogFileError`` naming the problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogFileError(f"not valid TOML: {exc}") from None
+    try:
+        doc = msgspec.convert(raw, CatalogDocument)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        head, _, path = message.rpartition(" - at `")
+        where = _locate(raw, path.rstrip("`")) if head else "catalog"
+        raise CatalogFileError(f"{where}: {head or message}") from None
+    _check(doc)
+    return doc
+
+
+def demo_catalog_text() -> str:
+    """The bundled demo catalog, published when a server starts with none."""
+    return resources.files("actors").joinpath("demo_catalog.toml").read_text(encoding="utf-8")
+
+
+@dataclass
+class Catalog:
+    """One published catalog version, plus items that earlier versions had.
+
+    Items removed from the catalog stay in inventories (PROTOCOL.md §7), so the
+    rules still need their kind and slot: ``retired`` keeps the last known
+    definition of every sku that is no longer listed.
+    """
+
+    version: int
+    games: dict[str, GameSpec]
+    items: dict[str, ItemSpec]
+    retired: dict[str, ItemSpec] = field(default_factory=dict)
+    _sorted: list[str] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._sorted = sorted(self.items)
+
+    @classmethod
+    def from_document(
+        cls, version: int, doc: CatalogDocument, retired: Iterable[ItemSpec] = ()
+    ) -> Catalog:
+        items = {item.sku: item for item in doc.items}
+        gone = {item.sku: item for item in retired if item.sku not in items}
+        return cls(version, {g.code: g for g in doc.games}, items, gone)
+
+    @classmethod
+    def empty(cls) -> Catalog:
+        return cls(0, {}, {})
+
+    def lookup(self, sku: str) -> ItemSpec | None:
+        """The current or, failing that, last known definition of a sku."""
+        return self.items.get(sku) or self.retired.get(sku)
+
+    def page(
+        self, game: str | None, category: str | None, cursor: str | None, limit: int
+    ) -> tuple[list[ItemSpec], str | None]:
+        """Items in sku order after ``cursor``; with ``game``, that game's and
+        the platform-wide ones.  Raises ``ValueError`` for a bad cursor."""
+        after = decode_cursor(cursor) if cursor else None
+        out: list[ItemSpec] = []
+        for sku in self._sorted:
+            if after is not None and sku <= after:
+                continue
+            item = self.items[sku]
+            if game is not None and item.game not in (None, game):
+                continue
+            if category is not None and item.category != category:
+                continue
+            if len(out) == limit:
+                return out, encode_cursor(out[-1].sku)
+            out.append(item)
+        return out, None
+
+
+def encode_cursor(sku: str) -> str:
+    return base64.urlsafe_b64encode(sku.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        sku = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValueError("cursor is not one this server gave out") from None
+    if not sku:
+        raise ValueError("cursor is not one this server gave out")
+    return sku

@@ -1,0 +1,99 @@
+"""What happened to a user: the events a change is made of, and the change
+record the journal keeps.
+
+A ``Change`` is one mutation of one user: it bumps the version by exactly one
+and is the unit the journal writes, the shard acknowledges and a replay
+rebuilds from.  Its events say what changed; ``evolve`` in ``actors.user``
+applies them.  The change also remembers the idempotency key, a fingerprint
+of the request and the reply, so that a retry after a restart still gets the
+original reply.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from msgspec import Struct
+
+from protocol.messages import LedgerEntry, ServerReply
+
+__all__ = [
+    "Bought",
+    "Change",
+    "Credited",
+    "Event",
+    "ProfileAdded",
+    "SlotCleared",
+    "SlotFilled",
+    "UsedUp",
+    "decode_change",
+    "encode_change",
+]
+
+
+class Event(Struct, tag_field="e", array_like=True):
+    pass
+
+
+class Credited(Event, tag="credit"):
+    """Gems added: an operator grant, or a new user's starting balance."""
+
+    amount: int
+    kind: str
+    reason: str = ""
+
+
+class Bought(Event, tag="buy"):
+    """Gems debited and items granted, together (PROTOCOL.md §3)."""
+
+    purchase: str
+    sku: str
+    quantity: int
+    total: int
+    expires_at: int | None = None
+
+
+class UsedUp(Event, tag="use"):
+    sku: str
+    quantity: int
+
+
+class ProfileAdded(Event, tag="profile"):
+    profile: str
+    game: str | None
+
+
+class SlotFilled(Event, tag="equip"):
+    profile: str
+    slot: str
+    sku: str
+
+
+class SlotCleared(Event, tag="unequip"):
+    profile: str
+    slot: str
+
+
+AnyEvent = Credited | Bought | UsedUp | ProfileAdded | SlotFilled | SlotCleared
+
+
+class Change(Struct, array_like=True):
+    version: int
+    at: int
+    kind: str
+    events: list[AnyEvent]
+    key: str | None = None
+    fingerprint: bytes | None = None
+    reply: ServerReply | None = None
+    ledger: LedgerEntry | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Change)
+
+
+def encode_change(change: Change) -> bytes:
+    return _encoder.encode(change)
+
+
+def decode_change(data: bytes) -> Change:
+    return _decoder.decode(data)

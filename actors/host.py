@@ -1,0 +1,396 @@
+"""The shard host: many user entities in one process, and their journal.
+
+``ShardHost`` is the asyncio adapter around the pure rules in ``actors.user``:
+it activates users from PostgreSQL on first use, applies a batch of requests
+in order with no ``await`` between reading and writing a user, journals the
+changes, answers only once they are durable, publishes pushes to Redis, and
+passivates idle users.  ``actors.shard`` wraps it in a Ray actor; tests can
+drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+
+from actors.catalog import Catalog
+from actors.catalog_source import load_live_catalog
+from actors.events import Change, decode_change, encode_change
+from actors.user import Mutation, Outcome, UserState, handle, new_user, scoped_key
+from persistence import store
+from persistence.journal import Journal, JournalError, JournalRecord, LedgerRow, UserRow
+from protocol.errors import ErrorCode, RequestError
+from protocol.messages import (
+    Error,
+    History,
+    HistoryReply,
+    Inspect,
+    LedgerEntry,
+    Reply,
+    State,
+)
+
+__all__ = ["ShardHost", "ShardSettings", "catalog_channel", "user_channel"]
+
+log = logging.getLogger("loadout.shard")
+
+#: Requests a shard serves: mutations, and reads that need the user's state.
+ShardRequest = Mutation | State | Inspect | History
+#: One batch item: the user it acts for and the request.
+BatchItem = tuple[str, ShardRequest]
+
+
+def user_channel(user_id: str) -> str:
+    return "loadout:user:" + user_id
+
+
+def catalog_channel() -> str:
+    return "loadout:catalog"
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    shard: int
+    database_url: str
+    redis_url: str
+    starting_balance: int = 0
+    idle_seconds: float = 600.0
+    max_users: int = 200_000
+    flush_interval: float = 0.0
+    pool_size: int = 4
+    push_queue: int = 10_000
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ShardHost:
+    def __init__(self, settings: ShardSettings) -> None:
+        self.settings = settings
+        self.users: OrderedDict[str, UserState] = OrderedDict()
+        self.catalog = Catalog.empty()
+        self._loading: dict[str, asyncio.Future[None]] = {}
+        self._pool: asyncpg.Pool | None = None
+        self._redis: aioredis.Redis | None = None
+        self._journal: Journal | None = None
+        self._pushes: asyncio.Queue[list[tuple[str, bytes]]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._encoder = msgspec.msgpack.Encoder()
+        self.epoch = 0
+        self.activations = 0
+        self.dropped_pushes = 0
+
+    # ------------------------------------------------------------------ life
+
+    async def start(self) -> None:
+        s = self.settings
+        self._pool = await asyncpg.create_pool(s.database_url, min_size=1, max_size=s.pool_size)
+        self._redis = aioredis.from_url(s.redis_url)
+        self.epoch = await store.acquire_epoch(self._pool, s.shard)
+        self.catalog = await load_live_catalog(self._pool)
+        self._journal = Journal(
+            self._pool,
+            s.shard,
+            self.epoch,
+            self._snapshot,
+            self._drop_users,
+            interval=s.flush_interval,
+        )
+        self._journal.start()
+        self._pushes = asyncio.Queue(s.push_queue)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._publish_pushes(), name="pushes"),
+            loop.create_task(self._passivate_idle(), name="passivation"),
+        ]
+        log.info(
+            "shard %d started with epoch %d, catalog v%d", s.shard, self.epoch, self.catalog.version
+        )
+
+    async def close(self) -> None:
+        """Flush the journal and the pushes, then release connections."""
+        if self._journal is not None:
+            await self._journal.close()
+        if self._pushes is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pushes.join(), 5)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._pool is not None:
+            await self._pool.close()
+        log.info("shard %d closed", self.settings.shard)
+
+    def stats(self) -> dict[str, Any]:
+        journal = self._journal
+        return {
+            "shard": self.settings.shard,
+            "epoch": self.epoch,
+            "users": len(self.users),
+            "activations": self.activations,
+            "catalog": self.catalog.version,
+            "flushes": journal.flushes if journal else 0,
+            "flushed_records": journal.flushed_records if journal else 0,
+            "fenced": journal.fenced if journal else False,
+            "dropped_pushes": self.dropped_pushes,
+        }
+
+    # ----------------------------------------------------------------- batch
+
+    async def apply_batch(self, catalog_version: int, batch: list[BatchItem]) -> list[bytes]:
+        """Apply a batch in order; reply (msgpack, one per item) once durable."""
+        assert self._journal is not None and self._pool is not None
+        if self._journal.fenced:
+            return [
+                self._error(r.rid, ErrorCode.UNAVAILABLE, "shard moved; retry") for _, r in batch
+            ]
+        if catalog_version > self.catalog.version:
+            self.catalog = await load_live_catalog(self._pool)
+        await self._activate({user for user, _ in batch})
+        await self._load_keys(batch)
+        now = _now_ms()
+        replies: list[bytes | Reply | _HistoryPage] = []
+        records: list[JournalRecord] = []
+        pushes: list[tuple[str, bytes]] = []
+        for user_id, request in batch:
+            replies.append(self._apply_one(user_id, request, now, records, pushes))
+        try:
+            await self._journal.write(records)
+        except JournalError as exc:
+            message = "the change could not be made durable; nothing was applied; retry"
+            log.warning("batch of %d failed: %s", len(batch), exc)
+            return [self._error(r.rid, ErrorCode.UNAVAILABLE, message) for _, r in batch]
+        if pushes and self._pushes is not None:
+            try:
+                self._pushes.put_nowait(pushes)
+            except asyncio.QueueFull:
+                self.dropped_pushes += len(pushes)
+                log.warning("push queue full: dropped %d pushes", len(pushes))
+        out: list[bytes] = []
+        for (user_id, _), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, _HistoryPage):
+                reply = await self._complete_history(user_id, reply)
+            out.append(reply if isinstance(reply, bytes) else self._encoder.encode(reply))
+        return out
+
+    def _apply_one(
+        self,
+        user_id: str,
+        request: ShardRequest,
+        now: int,
+        records: list[JournalRecord],
+        pushes: list[tuple[str, bytes]],
+    ) -> bytes | Reply | _HistoryPage:
+        state = self.users.get(user_id)
+        if state is None:  # dropped after a failed flush while this batch loaded
+            return self._error(request.rid, ErrorCode.UNAVAILABLE, "please retry")
+        self.users.move_to_end(user_id)
+        try:
+            match request:
+                case State() | Inspect():
+                    return state.view(request.rid)
+                case History():
+                    return self._history_from_memory(state, request)
+                case _:
+                    outcome: Outcome = handle(state, request, self.catalog, now)
+        except RequestError as exc:
+            return self._error(request.rid, exc.code, exc.message, exc.retry_after_ms)
+        except Exception:
+            log.exception(
+                "bug while applying %s for %s; reloading the user", type(request).__name__, user_id
+            )
+            self.users.pop(user_id, None)
+            return self._error(request.rid, ErrorCode.INTERNAL, "internal error")
+        if outcome.change is not None:
+            records.append(self._record(user_id, outcome.change))
+            channel = user_channel(user_id)
+            pushes.extend((channel, self._encoder.encode(p)) for p in outcome.pushes)
+        return outcome.reply
+
+    def _record(self, user_id: str, change: Change) -> JournalRecord:
+        entry = change.ledger
+        ledger = None
+        if entry is not None:
+            ledger = LedgerRow(
+                entry.seq, entry.at, entry.kind, entry.amount, entry.balance,
+                entry.sku, entry.quantity, entry.key,
+            )  # fmt: skip
+        return JournalRecord(
+            user_id,
+            change.version,
+            change.at,
+            change.kind,
+            change.key,
+            encode_change(change),
+            ledger,
+        )
+
+    def _error(
+        self,
+        rid: str | int | None,
+        code: ErrorCode,
+        message: str,
+        retry_after_ms: int | None = None,
+    ) -> bytes:
+        return self._encoder.encode(
+            Error(rid=rid, code=code.value, message=message, retry_after_ms=retry_after_ms)
+        )
+
+    # ------------------------------------------------------------ activation
+
+    async def _activate(self, user_ids: set[str]) -> None:
+        """Make every user of a batch resident; load the missing ones in one query."""
+        missing = [u for u in user_ids if u not in self.users]
+        if not missing:
+            return
+        mine = [u for u in missing if u not in self._loading]
+        others = {self._loading[u] for u in missing if u in self._loading}
+        if mine:
+            assert self._pool is not None and self._journal is not None
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            for u in mine:
+                self._loading[u] = done
+            try:
+                stored = await store.load_users(self._pool, mine)
+                records: list[JournalRecord] = []
+                now = _now_ms()
+                for u in mine:
+                    row = stored.get(u)
+                    if row is not None:
+                        self.users[u] = UserState.restore(u, row.version, row.balance, row.state)
+                        continue
+                    state, change = new_user(u, self.settings.starting_balance, now)
+                    self.users[u] = state
+                    if change is not None:
+                        records.append(self._record(u, change))
+                self.activations += len(mine)
+                # A new user's starting credit is journaled with the first batch.
+                self._journal.write(records)
+            finally:
+                for u in mine:
+                    del self._loading[u]
+                done.set_result(None)
+        for future in others:
+            await future
+
+    async def _load_keys(self, batch: list[BatchItem]) -> None:
+        """Bring idempotency records the user evicted from memory back from the journal."""
+        wanted: list[tuple[str, str]] = []
+        for user_id, request in batch:
+            key = (
+                scoped_key(request) if not isinstance(request, State | Inspect | History) else None
+            )
+            state = self.users.get(user_id)
+            if key and state is not None and not state.keys_complete and key not in state.keys:
+                wanted.append((user_id, key))
+        if not wanted:
+            return
+        assert self._pool is not None
+        found = await store.load_changes_by_key(self._pool, wanted)
+        for (user_id, key), data in found.items():
+            state = self.users.get(user_id)
+            change = decode_change(data)
+            if state is not None and change.fingerprint and change.reply is not None:
+                state.remember(key, change.fingerprint, change.reply)
+
+    def _snapshot(self, user_id: str) -> UserRow:
+        state = self.users[user_id]
+        return UserRow(state.version, state.balance, state.snapshot())
+
+    def _drop_users(self, user_ids: set[str]) -> None:
+        """After a failed flush: forget these users; they reload from what is durable."""
+        for u in user_ids:
+            self.users.pop(u, None)
+        log.warning("dropped %d users after a failed flush", len(user_ids))
+
+    async def _passivate_idle(self) -> None:
+        idle_since: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(min(10.0, self.settings.idle_seconds / 2))
+            assert self._journal is not None
+            now = time.monotonic()
+            # Users are kept in least-recently-used order: age the front.
+            for user_id in list(self.users):
+                first_seen = idle_since.setdefault(user_id, now)
+                over = len(self.users) > self.settings.max_users
+                if (over or now - first_seen >= self.settings.idle_seconds) and not (
+                    self._journal.is_pending(user_id)
+                ):
+                    del self.users[user_id]
+                    idle_since.pop(user_id, None)
+            for user_id in list(idle_since):
+                if user_id not in self.users:
+                    del idle_since[user_id]
+
+    # --------------------------------------------------------------- history
+
+    def _history_from_memory(self, state: UserState, request: History) -> Reply | _HistoryPage:
+        """A history page from the in-memory ledger tail, if it covers the page."""
+        entries = [
+            e for e in reversed(state.ledger) if request.before is None or e.seq < request.before
+        ]
+        if state.ledger_complete or len(entries) > request.limit:
+            return _page(request, entries)
+        # Older entries are in the ledger table: everything below the tail's
+        # first entry is durable once this batch is (flushes are in order).
+        bound = state.ledger[0].seq if state.ledger else (request.before or 2**63 - 1)
+        if request.before is not None:
+            bound = min(bound, request.before)
+        return _HistoryPage(request, entries, bound)
+
+    async def _complete_history(self, user_id: str, page: _HistoryPage) -> HistoryReply:
+        assert self._pool is not None
+        wanted = page.request.limit + 1 - len(page.entries)
+        rows = await store.load_ledger(self._pool, user_id, page.bound, wanted)
+        return _page(page.request, page.entries + [LedgerEntry(**dict(r)) for r in rows])
+
+    # ----------------------------------------------------------------- pushes
+
+    async def _publish_pushes(self) -> None:
+        """Publish pushes in order, pipelined, after their changes are durable."""
+        assert self._pushes is not None and self._redis is not None
+        while True:
+            pushes = await self._pushes.get()
+            try:
+                while not self._pushes.empty() and len(pushes) < 5000:
+                    pushes.extend(self._pushes.get_nowait())
+                    self._pushes.task_done()
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for channel, payload in pushes:
+                        pipe.publish(channel, payload)
+                    await pipe.execute()
+            except Exception as exc:  # Redis down: pushes are lost, state is not
+                self.dropped_pushes += len(pushes)
+                log.warning("could not publish %d pushes: %r", len(pushes), exc)
+            finally:
+                self._pushes.task_done()
+
+
+@dataclass
+class _HistoryPage:
+    """A history page waiting for older entries from the ledger table."""
+
+    request: History
+    entries: list[LedgerEntry]
+    bound: int
+
+
+def _page(request: History, entries: list[LedgerEntry]) -> HistoryReply:
+    """``entries`` newest first, possibly one more than a page (then ``next`` is set)."""
+    more = len(entries) > request.limit
+    entries = entries[: request.limit]
+    return HistoryReply(rid=request.rid, entries=entries, next=entries[-1].seq if more else None)

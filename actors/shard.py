@@ -1,0 +1,90 @@
+"""The shard actor: a named Ray actor hosting many users (a ``ShardHost``).
+
+A user id maps to one shard by a stable hash, so every gateway process finds
+the same actor by name.  The actor starts its host lazily on the first call,
+so a Ray restart of a crashed actor (which re-runs only the constructor)
+comes back by itself, taking a new epoch that fences out anything the old
+process still had in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any
+
+import ray
+
+from actors.host import BatchItem, ShardHost, ShardSettings
+
+__all__ = ["ShardActor", "shard_handles", "shard_name", "shard_of"]
+
+
+def shard_of(user_id: str, shards: int) -> int:
+    """The shard of a user: stable across processes and Python versions."""
+    digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
+def shard_name(shard: int) -> str:
+    return f"loadout-shard-{shard}"
+
+
+class ShardActor:
+    def __init__(self, settings: ShardSettings, log_level: int = logging.INFO) -> None:
+        logging.basicConfig(
+            level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        self._host = ShardHost(settings)
+        self._started: asyncio.Task[None] | None = None
+
+    async def _ready(self) -> ShardHost:
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._host.start())
+        await asyncio.shield(self._started)
+        return self._host
+
+    async def start(self) -> dict[str, Any]:
+        host = await self._ready()
+        return host.stats()
+
+    async def apply(self, catalog_version: int, batch: list[BatchItem]) -> list[bytes]:
+        host = await self._ready()
+        return await host.apply_batch(catalog_version, batch)
+
+    async def stats(self) -> dict[str, Any]:
+        host = await self._ready()
+        return host.stats()
+
+    async def close(self) -> None:
+        if self._started is not None:
+            await self._host.close()
+
+
+def shard_handles(
+    settings: list[ShardSettings],
+    *,
+    namespace: str | None,
+    detached: bool,
+    log_level: int = logging.INFO,
+) -> list[Any]:
+    """Get or create the named shard actors (``num_cpus=0``: they mostly wait
+    on I/O, and a 2-core machine can still host several)."""
+    remote = ray.remote(ShardActor)
+    handles = []
+    for s in settings:
+        options: dict[str, Any] = {
+            "name": shard_name(s.shard),
+            "get_if_exists": True,
+            "num_cpus": 0,
+            "max_restarts": -1,
+            "max_task_retries": 0,
+            "max_concurrency": 1000,
+        }
+        if namespace:
+            options["namespace"] = namespace
+        if detached:
+            options["lifetime"] = "detached"
+        handles.append(remote.options(**options).remote(s, log_level))
+    return handles

@@ -1,0 +1,446 @@
+"""The user entity: wallet, inventory, profiles, idempotency keys, ledger tail.
+
+Pure, synchronous domain code (no asyncio, database, redis or ray here).
+``handle`` takes a user's state and one request and returns the reply, the
+``Change`` to journal (if anything changed) and the pushes to send.  It first
+*decides* (validation only; raising ``RequestError`` leaves the state exactly
+as it was), then *evolves* the state by the change's events.  ``evolve`` is the
+only code that mutates a user, and replaying the journal through it rebuilds
+the same state.
+
+The shard calls ``handle`` with no ``await`` between reading and writing a
+user, which is what serializes mutations of one user without locks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import msgspec
+from msgspec import Struct
+
+from actors.catalog import Catalog
+from actors.events import (
+    AnyEvent,
+    Bought,
+    Change,
+    Credited,
+    ProfileAdded,
+    SlotCleared,
+    SlotFilled,
+    UsedUp,
+)
+from protocol.errors import ErrorCode, RequestError
+from protocol.messages import (
+    MAX_GEMS,
+    Consume,
+    Consumed,
+    CreateProfile,
+    Equip,
+    Equipped,
+    Grant,
+    Granted,
+    InventoryEntry,
+    InventoryPush,
+    ItemKind,
+    ItemStatus,
+    LedgerEntry,
+    LoadoutPush,
+    ProfileCreated,
+    ProfileView,
+    Purchase,
+    Purchased,
+    Reply,
+    ServerMessage,
+    ServerReply,
+    StateReply,
+    Unequip,
+    Unequipped,
+)
+
+__all__ = [
+    "KEYS_IN_MEMORY",
+    "LEDGER_IN_MEMORY",
+    "MAX_PROFILES",
+    "Holding",
+    "Mutation",
+    "Outcome",
+    "Profile",
+    "UserState",
+    "evolve",
+    "fingerprint",
+    "handle",
+    "new_user",
+]
+
+MAX_PROFILES = 32
+MAX_INVENTORY_ENTRIES = 10_000
+MAX_HELD = 2**31 - 1
+#: Idempotency keys kept in memory per user; older ones are looked up in the
+#: journal, which keeps them.
+KEYS_IN_MEMORY = 256
+#: Ledger entries kept in memory per user (a full ``history`` page).
+LEDGER_IN_MEMORY = 200
+MAIN_PROFILE = "main"
+
+Mutation = Purchase | Consume | CreateProfile | Equip | Unequip | Grant
+
+
+class Holding(Struct):
+    quantity: int
+    expires_at: int | None = None
+
+
+class Profile(Struct):
+    game: str | None
+    equipped: dict[str, str] = {}
+
+
+class Snapshot(Struct, array_like=True):
+    """What the ``users`` row keeps besides version and balance."""
+
+    inventory: dict[str, Holding]
+    profiles: dict[str, Profile]
+
+
+@dataclass(eq=False)
+class UserState:
+    user_id: str
+    version: int = 0
+    balance: int = 0
+    inventory: dict[str, Holding] = field(default_factory=dict)
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    #: Recent idempotency records: key -> (fingerprint, reply without rid).
+    keys: OrderedDict[str, tuple[bytes, ServerReply]] = field(default_factory=OrderedDict)
+    #: True while ``keys`` holds every key this user ever used.
+    keys_complete: bool = True
+    ledger: deque[LedgerEntry] = field(default_factory=lambda: deque(maxlen=LEDGER_IN_MEMORY))
+    #: True while ``ledger`` holds every ledger entry this user has.
+    ledger_complete: bool = True
+
+    _snapshot_encoder = msgspec.msgpack.Encoder()
+    _snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
+
+    def snapshot(self) -> bytes:
+        return self._snapshot_encoder.encode(Snapshot(self.inventory, self.profiles))
+
+    @classmethod
+    def restore(cls, user_id: str, version: int, balance: int, snapshot: bytes) -> UserState:
+        snap = cls._snapshot_decoder.decode(snapshot)
+        return cls(
+            user_id,
+            version,
+            balance,
+            snap.inventory,
+            snap.profiles,
+            keys_complete=False,
+            ledger_complete=False,
+        )
+
+    def remember(self, key: str, print_: bytes, reply: ServerReply) -> None:
+        self.keys[key] = (print_, reply)
+        if len(self.keys) > KEYS_IN_MEMORY:
+            self.keys.popitem(last=False)
+            self.keys_complete = False
+
+    def view(self, rid: str | int | None = None) -> StateReply:
+        return StateReply(
+            rid=rid,
+            user=self.user_id,
+            version=self.version,
+            balance=self.balance,
+            inventory=[
+                InventoryEntry(sku, h.quantity, h.expires_at)
+                for sku, h in sorted(self.inventory.items())
+            ],
+            profiles=[
+                ProfileView(name, p.game, dict(p.equipped)) for name, p in self.profiles.items()
+            ],
+        )
+
+
+@dataclass
+class Outcome:
+    reply: Reply
+    change: Change | None = None
+    pushes: list[ServerMessage] = field(default_factory=list)
+
+
+def new_user(user_id: str, starting_balance: int, now: int) -> tuple[UserState, Change | None]:
+    """A user seen for the first time: profile ``main``, and the starting
+    balance as a ledgered credit so that the ledger always sums to the balance."""
+    state = UserState(user_id, profiles={MAIN_PROFILE: Profile(None)})
+    if starting_balance <= 0:
+        return state, None
+    change = _change(state, now, "starting", [Credited(starting_balance, "starting")], None)
+    evolve(state, change)
+    return state, change
+
+
+_fingerprint_encoder = msgspec.msgpack.Encoder()
+
+
+def fingerprint(request: Mutation) -> bytes:
+    """What makes two requests "the same" for idempotency: everything but rid."""
+    body = _fingerprint_encoder.encode(msgspec.structs.replace(request, rid=None))
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def scoped_key(request: Mutation) -> str | None:
+    """Player keys and operator grant keys live apart: a player cannot
+    collide with (or replay) an operator's grant."""
+    if isinstance(request, Grant):
+        return "a:" + request.key
+    key = getattr(request, "key", None)
+    return None if key is None else "p:" + key
+
+
+def handle(state: UserState, request: Mutation, catalog: Catalog, now: int) -> Outcome:
+    """Decide and apply one mutation.  Raises ``RequestError`` having changed nothing.
+
+    The caller must have loaded the request's idempotency record into
+    ``state.keys`` if it exists (see ``scoped_key``) before calling.
+    """
+    key = scoped_key(request)
+    print_ = b""
+    if key is not None:
+        print_ = fingerprint(request)
+        seen = state.keys.get(key)
+        if seen is not None:
+            if seen[0] != print_:
+                raise RequestError(
+                    ErrorCode.IDEMPOTENCY_CONFLICT, "this key was used for a different request"
+                )
+            return Outcome(msgspec.structs.replace(seen[1], rid=request.rid))
+    events = _decide(state, request, catalog, now)
+    if not events:  # nothing to change (e.g. equipping what is already equipped)
+        return Outcome(_reply(state, request, None))
+    change = _change(state, now, request.__struct_config__.tag, events, key)  # type: ignore[arg-type]
+    evolve(state, change)
+    reply = _reply(state, request, change)
+    if key is not None:
+        change.fingerprint = print_
+        change.reply = reply
+        state.remember(key, print_, reply)
+    return Outcome(msgspec.structs.replace(reply, rid=request.rid), change, pushes(state, change))
+
+
+def _change(
+    state: UserState, now: int, kind: str, events: list[AnyEvent], key: str | None
+) -> Change:
+    return Change(version=state.version + 1, at=now, kind=kind, events=events, key=key)
+
+
+def _decide(state: UserState, request: Mutation, catalog: Catalog, now: int) -> list[AnyEvent]:
+    match request:
+        case Purchase():
+            return _decide_purchase(state, request, catalog)
+        case Consume():
+            item = catalog.lookup(request.sku)
+            held = state.inventory.get(request.sku)
+            if item is None and held is None:
+                raise RequestError(ErrorCode.UNKNOWN_ITEM, f"no item {request.sku!r}")
+            if item is not None and item.kind is not ItemKind.CONSUMABLE:
+                raise RequestError(ErrorCode.INCOMPATIBLE, f"{request.sku!r} is not a consumable")
+            if held is None or held.quantity < request.quantity:
+                raise RequestError(
+                    ErrorCode.NOT_OWNED,
+                    f"you hold {held.quantity if held else 0} of {request.sku!r}",
+                )
+            return [
+                *_unequip_everywhere(state, request.sku, held.quantity - request.quantity),
+                UsedUp(request.sku, request.quantity),
+            ]
+        case CreateProfile():
+            if request.profile in state.profiles:
+                raise RequestError(ErrorCode.PROFILE_EXISTS, f"profile {request.profile!r} exists")
+            if request.game is not None and request.game not in catalog.games:
+                raise RequestError(ErrorCode.BAD_REQUEST, f"no game {request.game!r}")
+            if len(state.profiles) >= MAX_PROFILES:
+                raise RequestError(
+                    ErrorCode.LIMIT_EXCEEDED, f"at most {MAX_PROFILES} profiles per user"
+                )
+            return [ProfileAdded(request.profile, request.game)]
+        case Equip():
+            return _decide_equip(state, request, catalog)
+        case Unequip():
+            profile = _profile(state, request.profile)
+            if request.slot not in profile.equipped:
+                return []
+            return [SlotCleared(request.profile, request.slot)]
+        case Grant():
+            if state.balance + request.amount > MAX_GEMS:
+                raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the balance would exceed its cap")
+            return [Credited(request.amount, "grant", request.reason)]
+    raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
+
+
+def _decide_purchase(state: UserState, request: Purchase, catalog: Catalog) -> list[AnyEvent]:
+    # PROTOCOL.md §3, "Purchase", checked in this order.
+    item = catalog.items.get(request.sku)
+    if item is None or item.status is not ItemStatus.ACTIVE:
+        raise RequestError(ErrorCode.UNKNOWN_ITEM, f"{request.sku!r} is not for sale")
+    if request.price != item.price:
+        raise RequestError(
+            ErrorCode.PRICE_CHANGED, f"the price of {request.sku!r} is now {item.price}"
+        )
+    held = state.inventory.get(request.sku)
+    held_quantity = held.quantity if held else 0
+    if not item.stackable and (request.quantity != 1 or held_quantity):
+        raise RequestError(
+            ErrorCode.LIMIT_EXCEEDED, f"{request.sku!r} is held once and bought one at a time"
+        )
+    cap = item.limit if item.limit is not None else MAX_HELD
+    if held_quantity + request.quantity > cap:
+        raise RequestError(
+            ErrorCode.LIMIT_EXCEEDED, f"you may hold at most {cap} of {request.sku!r}"
+        )
+    if held is None and len(state.inventory) >= MAX_INVENTORY_ENTRIES:
+        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the inventory is full")
+    total = item.price * request.quantity
+    if total > state.balance:
+        raise RequestError(
+            ErrorCode.INSUFFICIENT_FUNDS, f"{total} gems needed, {state.balance} held"
+        )
+    purchase = purchase_id(state.user_id, state.version + 1)
+    return [Bought(purchase, request.sku, request.quantity, total)]
+
+
+def _decide_equip(state: UserState, request: Equip, catalog: Catalog) -> list[AnyEvent]:
+    # PROTOCOL.md §3, "Equip".
+    profile = _profile(state, request.profile)
+    if request.sku not in state.inventory:
+        raise RequestError(ErrorCode.NOT_OWNED, f"you do not hold {request.sku!r}")
+    item = catalog.lookup(request.sku)
+    if item is None:
+        raise RequestError(ErrorCode.UNKNOWN_ITEM, f"no item {request.sku!r}")
+    if item.kind is ItemKind.CONSUMABLE:
+        raise RequestError(ErrorCode.INCOMPATIBLE, "consumables cannot be equipped")
+    if item.slot != request.slot:
+        where = f"slot {item.slot!r}" if item.slot else "no slot"
+        raise RequestError(ErrorCode.INCOMPATIBLE, f"{request.sku!r} goes in {where}")
+    if item.game is not None and item.game != profile.game:
+        raise RequestError(
+            ErrorCode.INCOMPATIBLE, f"{request.sku!r} is for game {item.game!r} only"
+        )
+    if profile.equipped.get(request.slot) == request.sku:
+        return []
+    return [SlotFilled(request.profile, request.slot, request.sku)]
+
+
+def _unequip_everywhere(state: UserState, sku: str, remaining: int) -> list[AnyEvent]:
+    """An item that leaves the inventory is unequipped everywhere (PROTOCOL.md §3)."""
+    if remaining > 0:
+        return []
+    return [
+        SlotCleared(name, slot)
+        for name, profile in state.profiles.items()
+        for slot, equipped in profile.equipped.items()
+        if equipped == sku
+    ]
+
+
+def _profile(state: UserState, name: str) -> Profile:
+    profile = state.profiles.get(name)
+    if profile is None:
+        raise RequestError(ErrorCode.UNKNOWN_PROFILE, f"no profile {name!r}")
+    return profile
+
+
+def purchase_id(user_id: str, version: int) -> str:
+    """Unique per (user, version); the same on every replay of the journal."""
+    digest = hashlib.blake2b(f"{user_id}\0{version}".encode(), digest_size=10).hexdigest()
+    return "pur_" + digest
+
+
+def evolve(state: UserState, change: Change) -> None:
+    """Apply a change's events: the only code that mutates a user."""
+    if change.version != state.version + 1:
+        raise ValueError(f"change {change.version} does not follow version {state.version}")
+    ledger: LedgerEntry | None = None
+    client_key = change.key[2:] if change.key else None
+    for event in change.events:
+        match event:
+            case Credited(amount=amount, kind=kind):
+                state.balance += amount
+                ledger = LedgerEntry(
+                    seq=change.version, at=change.at, kind=kind, amount=amount,
+                    balance=state.balance, key=client_key,
+                )  # fmt: skip
+            case Bought(sku=sku, quantity=quantity, total=total, expires_at=expires_at):
+                state.balance -= total
+                held = state.inventory.setdefault(sku, Holding(0, expires_at))
+                held.quantity += quantity
+                ledger = LedgerEntry(
+                    seq=change.version, at=change.at, kind="purchase", amount=-total,
+                    balance=state.balance, sku=sku, quantity=quantity, key=client_key,
+                )  # fmt: skip
+            case UsedUp(sku=sku, quantity=quantity):
+                held = state.inventory[sku]
+                held.quantity -= quantity
+                if held.quantity == 0:
+                    del state.inventory[sku]
+            case ProfileAdded(profile=name, game=game):
+                state.profiles[name] = Profile(game, {})
+            case SlotFilled(profile=name, slot=slot, sku=sku):
+                state.profiles[name].equipped[slot] = sku
+            case SlotCleared(profile=name, slot=slot):
+                del state.profiles[name].equipped[slot]
+    state.version = change.version
+    change.ledger = ledger
+    if ledger is not None:
+        state.ledger.append(ledger)
+
+
+def _reply(state: UserState, request: Mutation, change: Change | None) -> ServerReply:
+    version = state.version
+    match request:
+        case Purchase():
+            bought = change.events[0] if change else None
+            assert isinstance(bought, Bought)
+            return Purchased(
+                purchase=bought.purchase, sku=bought.sku, quantity=bought.quantity,
+                total=bought.total, balance=state.balance, version=version,
+            )  # fmt: skip
+        case Consume():
+            held = state.inventory.get(request.sku)
+            return Consumed(sku=request.sku, quantity=held.quantity if held else 0, version=version)
+        case CreateProfile():
+            return ProfileCreated(profile=request.profile, game=request.game, version=version)
+        case Equip():
+            return Equipped(
+                profile=request.profile, slot=request.slot, sku=request.sku, version=version
+            )
+        case Unequip():
+            return Unequipped(profile=request.profile, slot=request.slot, version=version)
+        case Grant():
+            return Granted(user=state.user_id, balance=state.balance, version=version)
+    raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
+
+
+def pushes(state: UserState, change: Change) -> list[ServerMessage]:
+    """The pushes a change causes (PROTOCOL.md §4), from the state after it."""
+    out: list[ServerMessage] = []
+    items: dict[str, InventoryEntry] = {}
+    money = False
+    profiles: set[str] = set()
+    for event in change.events:
+        match event:
+            case Credited():
+                money = True
+            case Bought(sku=sku) | UsedUp(sku=sku):
+                money = money or isinstance(event, Bought)
+                held = state.inventory.get(sku)
+                items[sku] = InventoryEntry(
+                    sku, held.quantity if held else 0, held.expires_at if held else None
+                )
+            case ProfileAdded(profile=name) | SlotFilled(profile=name) | SlotCleared(profile=name):
+                profiles.add(name)
+    if money or items:
+        out.append(InventoryPush(state.version, state.balance, list(items.values())))
+    for name in profiles:
+        profile = state.profiles[name]
+        out.append(LoadoutPush(state.version, name, profile.game, dict(profile.equipped)))
+    return out

@@ -1,0 +1,121 @@
+"""Schema and migrations.
+
+Migrations are numbered SQL scripts applied in order, each in its own
+transaction, under an advisory lock so that several gateways starting at once
+migrate exactly once.  A migration is never edited once released; a change is
+a new migration.
+
+Tables:
+
+``users``            one row per user: version, balance, and a snapshot of the
+                     inventory and profiles (msgpack).  Written by the journal
+                     in the same transaction as the user's journal rows, only
+                     if the row still has the version the writer read (fencing).
+``journal``          one row per change of a user, ``(user_id, version)``
+                     unique; a change's idempotency key is unique per user, so
+                     the journal also answers replays after a restart.
+``ledger``           every movement of gems, with the balance after it.
+``shard_epochs``     the current owner epoch of every shard: a shard actor takes
+                     a new epoch when it starts, and a flush from an older
+                     epoch fails, so a leftover actor can never write.
+``catalog_versions`` every published catalog document; the newest is live.
+``games``, ``items`` the published catalogs in relational form, for operators'
+                     SQL and for the retired-item lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+
+__all__ = ["MIGRATIONS", "migrate"]
+
+log = logging.getLogger("loadout.schema")
+
+MIGRATIONS: list[str] = [
+    # 1: the core slice.
+    """
+    CREATE TABLE users (
+        user_id     text PRIMARY KEY,
+        version     bigint NOT NULL CHECK (version >= 1),
+        balance     bigint NOT NULL CHECK (balance >= 0),
+        state       bytea NOT NULL,
+        updated_at  timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE journal (
+        user_id     text NOT NULL,
+        version     bigint NOT NULL,
+        at          bigint NOT NULL,
+        kind        text NOT NULL,
+        key         text,
+        change      bytea NOT NULL,
+        PRIMARY KEY (user_id, version)
+    );
+    CREATE UNIQUE INDEX journal_key ON journal (user_id, key) WHERE key IS NOT NULL;
+    CREATE TABLE ledger (
+        user_id     text NOT NULL,
+        seq         bigint NOT NULL,
+        at          bigint NOT NULL,
+        kind        text NOT NULL,
+        amount      bigint NOT NULL,
+        balance     bigint NOT NULL CHECK (balance >= 0),
+        sku         text,
+        quantity    integer,
+        key         text,
+        PRIMARY KEY (user_id, seq)
+    );
+    CREATE TABLE shard_epochs (
+        shard       integer PRIMARY KEY,
+        epoch       bigint NOT NULL
+    );
+    CREATE TABLE catalog_versions (
+        version      bigserial PRIMARY KEY,
+        published_at timestamptz NOT NULL DEFAULT now(),
+        source       text NOT NULL,
+        document     bytea NOT NULL
+    );
+    CREATE TABLE games (
+        catalog_version bigint NOT NULL REFERENCES catalog_versions,
+        code            text NOT NULL,
+        name            text NOT NULL,
+        PRIMARY KEY (catalog_version, code)
+    );
+    CREATE TABLE items (
+        catalog_version bigint NOT NULL REFERENCES catalog_versions,
+        sku             text NOT NULL,
+        game            text,
+        category        text NOT NULL,
+        kind            text NOT NULL,
+        status          text NOT NULL,
+        price           bigint NOT NULL,
+        definition      bytea NOT NULL,
+        PRIMARY KEY (catalog_version, sku)
+    );
+    CREATE INDEX items_sku ON items (sku, catalog_version DESC);
+    """,
+]
+
+_LOCK = 0x10AD0_0001
+
+
+async def migrate(pool: asyncpg.Pool) -> int:
+    """Apply pending migrations; return the schema version now in force."""
+    async with pool.acquire() as con:
+        await con.execute("SELECT pg_advisory_lock($1)", _LOCK)
+        try:
+            await con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = await con.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+            for number, script in enumerate(MIGRATIONS, start=1):
+                if number <= done:
+                    continue
+                async with con.transaction():
+                    await con.execute(script)
+                    await con.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
+                log.info("applied migration %d", number)
+            return len(MIGRATIONS)
+        finally:
+            await con.execute("SELECT pg_advisory_unlock($1)", _LOCK)

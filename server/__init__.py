@@ -1,0 +1,1 @@
+"""The gateway (WebSockets), auth, rate limits, push fan-out, CLI and configuration."""

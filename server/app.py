@@ -1,0 +1,287 @@
+"""``loadout serve``: start what is needed, serve, and drain on SIGTERM.
+
+Start-up, in order: the embedded PostgreSQL and Redis when no URLs are
+configured (each a child process that dies with us), Ray (a local instance
+unless ``RAY_ADDRESS`` names a cluster), schema migrations, the demo catalog
+when none was ever published, the shard actors, then the WebSocket listener.
+Shutdown (SIGTERM or Ctrl-C) runs the other way: stop accepting, answer what
+is in flight, flush the journals, close connections, stop what we started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from actors.catalog import Catalog, demo_catalog_text
+from actors.catalog_source import load_live_catalog, publish_catalog_text
+from actors.host import ShardSettings
+from persistence.embedded import EmbeddedPostgres, EmbeddedRedis
+from persistence.schema import migrate
+from server.batching import ShardBatcher
+from server.config import Settings
+from server.gateway import Gateway
+from server.pushes import PushFanout
+from server.ratelimit import RateLimiter
+
+__all__ = ["Services", "read_services", "run_server"]
+
+log = logging.getLogger("loadout.server")
+
+
+@dataclass
+class Services:
+    """The database, Redis and Ray this process uses, and what it started."""
+
+    database_url: str
+    redis_url: str
+    embedded: list[EmbeddedPostgres | EmbeddedRedis] = field(default_factory=list)
+    ray_local: bool = False
+
+    def stop(self) -> None:
+        for child in reversed(self.embedded):
+            try:
+                child.stop()
+            except Exception:
+                log.exception("could not stop %s", type(child).__name__)
+        self.embedded.clear()
+
+
+def _services_file(data_dir: Path) -> Path:
+    return data_dir / "run" / "services.json"
+
+
+def read_services(data_dir: Path) -> dict[str, Any] | None:
+    """The URLs of the embedded services of a server running on ``data_dir``."""
+    try:
+        value = json.loads(_services_file(data_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def start_services(settings: Settings) -> Services:
+    """Start the embedded PostgreSQL/Redis that are not configured (main thread)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    services = Services(settings.database_url or "", settings.redis_url or "")
+    try:
+        if not settings.database_url:
+            pg = EmbeddedPostgres(settings.data_dir)
+            services.database_url = pg.start()
+            services.embedded.append(pg)
+        if not settings.redis_url:
+            rd = EmbeddedRedis(settings.data_dir)
+            services.redis_url = rd.start()
+            services.embedded.append(rd)
+    except BaseException:
+        services.stop()
+        raise
+    path = _services_file(settings.data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"database_url": services.database_url, "redis_url": services.redis_url}, f)
+    return services
+
+
+def _ray_processes_file(data_dir: Path) -> Path:
+    return data_dir / "run" / "ray-processes.json"
+
+
+def record_ray_processes(data_dir: Path, exclude: set[int]) -> None:
+    """Note the processes of our local Ray instance (pid and start time), so
+    that the next start can stop any a ``kill -9`` of this one left behind."""
+    import psutil
+
+    me = psutil.Process()
+    found = [
+        [p.pid, p.create_time()]
+        for p in me.children(recursive=True)
+        if p.pid not in exclude and p.is_running()
+    ]
+    _ray_processes_file(data_dir).write_text(json.dumps(found))
+
+
+def stop_leftover_ray(data_dir: Path) -> None:
+    """Stop processes of a previous local Ray instance still alive (by pid,
+    and only if the start time matches: a reused pid is never touched)."""
+    import psutil
+
+    path = _ray_processes_file(data_dir)
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    leftovers = []
+    for pid, started in recorded:
+        try:
+            process = psutil.Process(pid)
+            if abs(process.create_time() - started) < 0.01:
+                leftovers.append(process)
+        except psutil.Error:
+            continue
+    for process in leftovers:
+        log.warning("stopping pid %d left over from a previous run", process.pid)
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(leftovers, timeout=5)
+    path.unlink(missing_ok=True)
+
+
+def start_ray(settings: Settings) -> bool:
+    """Connect to the configured Ray cluster or start a local one; True if local."""
+    import ray
+
+    if settings.ray_address:
+        ray.init(
+            address=settings.ray_address,
+            namespace=settings.ray_namespace,
+            logging_level=logging.WARNING,
+        )
+        return False
+    stop_leftover_ray(settings.data_dir)
+    ray.init(
+        address="local",
+        namespace=settings.ray_namespace,
+        num_cpus=max(2, os.cpu_count() or 2),
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+class CatalogHolder:
+    """The gateway's copy of the live catalog."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.catalog = Catalog.empty()
+
+    async def refresh(self) -> bool:
+        catalog = await load_live_catalog(self._pool)
+        changed = catalog.version != self.catalog.version
+        self.catalog = catalog
+        return changed
+
+    def current(self) -> Catalog:
+        return self.catalog
+
+
+async def serve_async(settings: Settings, services: Services, stop: asyncio.Event) -> None:
+    from actors.shard import shard_handles
+
+    pool = await asyncpg.create_pool(services.database_url, min_size=1, max_size=4)
+    redis = aioredis.from_url(services.redis_url)
+    try:
+        await migrate(pool)
+        published = await publish_catalog_text(pool, demo_catalog_text(), "demo", only_if_none=True)
+        if published is not None:
+            log.info("published the demo catalog as version %d", published)
+        holder = CatalogHolder(pool)
+        await holder.refresh()
+
+        shard_settings = [
+            ShardSettings(
+                shard=i,
+                database_url=services.database_url,
+                redis_url=services.redis_url,
+                starting_balance=settings.starting_balance,
+                idle_seconds=settings.idle_seconds,
+                flush_interval=settings.flush_interval_ms / 1000,
+            )
+            for i in range(settings.shards)
+        ]
+        handles = shard_handles(
+            shard_settings,
+            namespace=settings.ray_namespace,
+            detached=not services.ray_local,
+            log_level=logging.getLevelName(settings.log_level),
+        )
+        for handle in handles:
+            await handle.start.remote()
+        if services.ray_local:
+            record_ray_processes(settings.data_dir, {c.pid or 0 for c in services.embedded})
+        batchers = [
+            ShardBatcher(i, h, lambda: holder.catalog.version) for i, h in enumerate(handles)
+        ]
+        for b in batchers:
+            b.start()
+        limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
+        gateway = Gateway(settings.secret, batchers, holder.current, limiter)
+
+        async def catalog_changed(version: int) -> None:
+            if version > holder.catalog.version and await holder.refresh():
+                log.info("catalog version %d is live", holder.catalog.version)
+                gateway.broadcast_catalog_changed(holder.catalog.version)
+
+        fanout = PushFanout(redis, gateway.deliver, catalog_changed)
+        await fanout.start()
+        gateway.on_connection = fanout.watch
+        gateway.on_disconnect = fanout.unwatch
+        await gateway.start(settings.host, settings.port)
+        log.info(
+            "serving ws://%s:%d/v1/ws (%d shards, catalog v%d)",
+            settings.host, gateway.port, len(handles), holder.catalog.version,
+        )  # fmt: skip
+        sweeper = asyncio.create_task(_sweep(limiter))
+        await stop.wait()
+
+        log.info("draining: no new connections; answering requests in flight")
+        await gateway.stop_accepting()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(b.drain() for b in batchers)), 20)
+        await gateway.close_all()
+        sweeper.cancel()
+        for b in batchers:
+            await b.close()
+        await fanout.close()
+        if services.ray_local:
+            for handle in handles:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(handle.close.remote(), 20)
+        log.info("drained")
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
+async def _sweep(limiter: RateLimiter) -> None:
+    while True:
+        await asyncio.sleep(30)
+        limiter.sweep()
+
+
+def run_server(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT; stop everything started here."""
+    import uvloop
+
+    settings = settings.with_secret()
+    services = start_services(settings)
+    try:
+        services.ray_local = start_ray(settings)
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await serve_async(settings, services, stop)
+
+        uvloop.run(main())
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        services.stop()
+        log.info("stopped")

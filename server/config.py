@@ -1,0 +1,112 @@
+"""Settings, read once from the environment at start-up (PROTOCOL.md §9).
+
+Nothing below ``main`` reads ``os.environ``; everything takes a ``Settings``.
+The secret is never logged: ``Settings.__repr__`` hides it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+__all__ = ["ConfigError", "Settings"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value Loadout cannot use; the message names it."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    data_dir: Path = Path(".loadout")
+    database_url: str | None = None
+    redis_url: str | None = None
+    ray_address: str | None = None
+    secret: str = field(default="", repr=False)
+    starting_balance: int = 0
+    shards: int = 2
+    ray_namespace: str = "loadout"
+    rate_per_second: float = 100.0
+    rate_burst: int = 200
+    flush_interval_ms: float = 0.0
+    idle_seconds: float = 600.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        data_dir = Path(env.get("LOADOUT_DATA_DIR") or ".loadout")
+        level = (env.get("LOADOUT_LOG_LEVEL") or "INFO").upper()
+        if not isinstance(logging.getLevelName(level), int):
+            raise ConfigError(f"LOADOUT_LOG_LEVEL must be a logging level, not {level!r}")
+        return cls(
+            host=env.get("LOADOUT_HOST") or "127.0.0.1",
+            port=_int(env, "LOADOUT_PORT", 8765, 0, 65535),
+            data_dir=data_dir,
+            database_url=env.get("LOADOUT_DATABASE_URL") or None,
+            redis_url=env.get("LOADOUT_REDIS_URL") or None,
+            ray_address=env.get("RAY_ADDRESS") or None,
+            secret=env.get("LOADOUT_SECRET") or "",
+            starting_balance=_int(env, "LOADOUT_STARTING_BALANCE", 0, 0, 2**53 - 1),
+            shards=_int(env, "LOADOUT_SHARDS", 2, 1, 1024),
+            ray_namespace=env.get("LOADOUT_RAY_NAMESPACE") or "loadout",
+            rate_per_second=_float(env, "LOADOUT_RATE_PER_SECOND", 100.0, 0.1, 1e9),
+            rate_burst=_int(env, "LOADOUT_RATE_BURST", 200, 1, 10**9),
+            flush_interval_ms=_float(env, "LOADOUT_FLUSH_INTERVAL_MS", 0.0, 0.0, 1000.0),
+            idle_seconds=_float(env, "LOADOUT_IDLE_SECONDS", 600.0, 1.0, 10**7),
+            log_level=level,
+        )
+
+    def with_secret(self) -> Settings:
+        """These settings with the secret filled in: from ``LOADOUT_SECRET``, or
+        generated once and kept in the data directory with mode 0600."""
+        if self.secret:
+            return self
+        path = self.data_dir / "secret"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+        secret = path.read_text().strip()
+        if len(secret) < 32:
+            raise ConfigError(f"the secret in {path} is too short; delete it to generate one")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["secret"] = secret
+        return Settings(**values)
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.redis_url is None or self.ray_address is None

@@ -1,0 +1,127 @@
+"""Push fan-out: Redis pub/sub, one channel per user (DESIGN.md step 5).
+
+Shards publish a user's pushes to ``loadout:user:<id>`` once the change is
+durable; every gateway subscribes to the channels of the users it has
+connections for and forwards what arrives.  The catalog channel announces
+new catalog versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+from actors.host import catalog_channel, user_channel
+
+__all__ = ["PushFanout"]
+
+log = logging.getLogger("loadout.pushes")
+
+_USER_PREFIX = user_channel("")
+SUBSCRIBE_TIMEOUT = 5.0
+
+
+class PushFanout:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        deliver: Callable[[str, bytes], None],
+        catalog_changed: Callable[[int], Awaitable[None]],
+    ) -> None:
+        self._redis = redis
+        self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        self._deliver = deliver
+        self._catalog_changed = catalog_changed
+        self._users: Counter[str] = Counter()
+        self._task: asyncio.Task[None] | None = None
+        self._changes: asyncio.Queue[tuple[bool, str]] = asyncio.Queue()
+        self._subscribed: dict[str, asyncio.Future[None]] = {}
+        self._subscriber: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._pubsub.subscribe(catalog_channel())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._listen(), name="push-listener")
+        self._subscriber = loop.create_task(self._apply_changes(), name="push-subscriptions")
+
+    async def close(self) -> None:
+        for task in (self._task, self._subscriber):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def watch(self, user_id: str) -> None:
+        """A connection of this user opened here: returns once the user's
+        channel is subscribed, so no push to this connection can be missed."""
+        self._users[user_id] += 1
+        ready = self._subscribed.get(user_id)
+        if ready is None:
+            ready = self._subscribed[user_id] = asyncio.get_running_loop().create_future()
+            self._changes.put_nowait((True, user_id))
+        await asyncio.wait_for(asyncio.shield(ready), SUBSCRIBE_TIMEOUT)
+
+    def unwatch(self, user_id: str) -> None:
+        self._users[user_id] -= 1
+        if self._users[user_id] <= 0:
+            del self._users[user_id]
+            self._subscribed.pop(user_id, None)
+            self._changes.put_nowait((False, user_id))
+
+    async def _apply_changes(self) -> None:
+        """Subscribe and unsubscribe in order, grouping what piled up."""
+        while True:
+            subscribe, user = await self._changes.get()
+            batch = [(subscribe, user)]
+            while not self._changes.empty():
+                batch.append(self._changes.get_nowait())
+            wanted: dict[str, bool] = {}
+            for subscribe, user in batch:
+                wanted[user] = subscribe
+            add = [user_channel(u) for u, on in wanted.items() if on and u in self._users]
+            drop = [user_channel(u) for u, on in wanted.items() if not on and u not in self._users]
+            try:
+                if add:
+                    await self._pubsub.subscribe(*add)
+                if drop:
+                    await self._pubsub.unsubscribe(*drop)
+            except Exception as exc:
+                log.error("could not change push subscriptions: %r", exc)
+                for user, on in wanted.items():
+                    ready = self._subscribed.pop(user, None) if on else None
+                    if ready is not None and not ready.done():
+                        ready.set_exception(ConnectionError("push subscription failed"))
+                continue
+            for user, on in wanted.items():
+                ready = self._subscribed.get(user) if on else None
+                if ready is not None and not ready.done():
+                    ready.set_result(None)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("push listener lost Redis: %r; retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            channel = message["channel"]
+            channel = channel.decode() if isinstance(channel, bytes) else channel
+            data = message["data"]
+            if channel.startswith(_USER_PREFIX):
+                self._deliver(channel[len(_USER_PREFIX) :], data)
+            elif channel == catalog_channel():
+                try:
+                    await self._catalog_changed(int(data))
+                except Exception:
+                    log.exception("could not load the new catalog")

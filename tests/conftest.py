@@ -1,0 +1,33 @@
+"""Test-session fixtures.
+
+Ray is started once per test session (``num_cpus=2``, no dashboard) by this
+process, which owns it and shuts it down at the end; servers under test join
+it through ``RAY_ADDRESS``, each in a namespace of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="loadout-tests",
+        logging_level=logging.WARNING,
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
