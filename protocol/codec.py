@@ -30,7 +30,9 @@ class _Envelope(msgspec.Struct):
 def _usable_rid(rid: Any) -> str | int | None:
     if isinstance(rid, bool):
         return None
-    if isinstance(rid, int) or (isinstance(rid, str) and len(rid) <= 64):
+    if (isinstance(rid, int) and -(2**63) <= rid < 2**63) or (
+        isinstance(rid, str) and len(rid) <= 64
+    ):
         return rid
     return None
 
@@ -75,15 +77,17 @@ class Codec:
             return request
         except msgspec.ValidationError as exc:
             raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise RequestError(ErrorCode.BAD_REQUEST, "frame is not a valid message") from None
 
     def rid_of(self, frame: bytes | str) -> str | int | None:
         """The ``rid`` of a frame that failed to decode as a request, if any."""
+        if self.binary and isinstance(frame, str):  # the msgpack decoder takes bytes only
+            return None
         try:
             envelope: _Envelope = self._envelope.decode(frame)
             return _usable_rid(envelope.rid)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             return None
 
     def encode(self, message: ServerMessage) -> bytes:

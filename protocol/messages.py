@@ -64,10 +64,10 @@ MAX_GEMS = 2**53 - 1
 #: Largest quantity in one request.
 MAX_QUANTITY = 1_000_000
 
-Rid = Annotated[str, Meta(max_length=64)] | int | None
+Rid = Annotated[str, Meta(max_length=64)] | Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None
 Key = Annotated[str, Meta(min_length=1, max_length=64)]
 Sku = Annotated[str, Meta(min_length=1, max_length=64)]
-UserId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+UserId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}\Z")]
 ProfileName = Annotated[str, Meta(min_length=1, max_length=32)]
 GameCode = Annotated[str, Meta(min_length=1, max_length=32)]
 Slot = Annotated[str, Meta(min_length=1, max_length=64)]

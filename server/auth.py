@@ -12,7 +12,7 @@ from protocol.messages import Role
 
 __all__ = ["AuthError", "Identity", "issue_token", "verify_token"]
 
-_USER = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_USER = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _MAX_TOKEN = 4096
 
 
@@ -27,7 +27,7 @@ class Identity:
 
 
 def issue_token(secret: str, user: str, role: Role = Role.PLAYER, ttl: int = 3600) -> str:
-    if not _USER.match(user):
+    if not _USER.fullmatch(user):
         raise ValueError("user ids are 1-64 characters of A-Z a-z 0-9 _ . -")
     if ttl <= 0:
         raise ValueError("ttl must be positive")
@@ -45,7 +45,7 @@ def verify_token(secret: str, token: str) -> Identity:
     except jwt.PyJWTError as exc:
         raise AuthError(f"invalid token: {type(exc).__name__}") from None
     user = claims.get("sub")
-    if not isinstance(user, str) or not _USER.match(user):
+    if not isinstance(user, str) or not _USER.fullmatch(user):
         raise AuthError("invalid token: bad sub")
     try:
         role = Role(claims.get("role", Role.PLAYER.value))

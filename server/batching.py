@@ -33,7 +33,10 @@ class ShardBusy(Exception):
 
 
 def _unavailable(rid: str | int | None, message: str) -> bytes:
-    return _encoder.encode(Error(rid=rid, code=ErrorCode.UNAVAILABLE.value, message=message))
+    try:
+        return _encoder.encode(Error(rid=rid, code=ErrorCode.UNAVAILABLE.value, message=message))
+    except (OverflowError, TypeError):  # never let one odd rid stop the batcher
+        return _encoder.encode(Error(rid=None, code=ErrorCode.UNAVAILABLE.value, message=message))
 
 
 class ShardBatcher:

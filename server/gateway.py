@@ -259,6 +259,9 @@ class Gateway:
 
     def _dispatch(self, client: Client, frame: bytes | str) -> None:
         codec, identity = client.codec, client.identity
+        if self.draining:  # the drain waits only for what was dispatched before it
+            error = RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down; retry")
+            return self._refuse(client, codec.rid_of(frame), error)
         wait = self._limiter.take(identity.user)
         if wait:
             rid = codec.rid_of(frame)

@@ -22,7 +22,7 @@ class RateLimiter:
         now = time.monotonic() if now is None else now
         tokens, last = self._buckets.get(key, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
+        if tokens >= 1.0 - 1e-9:  # float slack: waiting retry_after_ms is always enough
             if key not in self._buckets and len(self._buckets) >= self._max_keys:
                 self._buckets.clear()  # bounded memory; forgetting only grants a fresh burst
             self._buckets[key] = (tokens - 1.0, now)

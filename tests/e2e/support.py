@@ -146,6 +146,7 @@ class ServerProcess:
         return issue_token(SECRET, user, role, ttl)
 
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         return subprocess.run(
             [sys.executable, "-m", "server.cli", *args],
             env=self.env(),
