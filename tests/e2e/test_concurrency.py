@@ -3,7 +3,6 @@ requests take effect in the order sent (PROTOCOL.md §2)."""
 
 from __future__ import annotations
 
-
 from tests.e2e.support import Client, ServerProcess, fund, new_user
 
 
@@ -31,19 +30,8 @@ async def test_forty_purchases_five_connections_funds_for_ten(server: ServerProc
             pending = []
             for n in range(40):
                 c = more[n % 5]
-                pending.append(
-                    (
-                        c,
-                        await c.send(
-                            {
-                                "type": "purchase",
-                                "key": f"x{n}",
-                                "sku": "plat.life.extra",
-                                "price": 20,
-                            }
-                        ),
-                    )  # fmt: skip
-                )
+                buy = {"type": "purchase", "key": f"x{n}", "sku": "plat.life.extra", "price": 20}
+                pending.append((c, await c.send(buy)))
             results = [await c.reply(rid) for c, rid in pending]
             ok = [r for r in results if r["type"] == "purchased"]
             assert len(ok) == 10
