@@ -75,12 +75,14 @@ class ServerProcess:
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout: float = 90.0) -> ServerProcess:
-        """Start on a new port, in a new Ray namespace (fresh shard actors)."""
+    def start(self, timeout: float = 90.0, namespace: str | None = None) -> ServerProcess:
+        """Start on a new port, in a new Ray namespace (fresh shard actors)
+        unless ``namespace`` names another server's, to share its shards."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.namespace = "t-" + uuid.uuid4().hex[:12]
-        self.namespaces.append(self.namespace)
+        self.namespace = namespace or "t-" + uuid.uuid4().hex[:12]
+        if namespace is None:
+            self.namespaces.append(self.namespace)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve"],

@@ -1,0 +1,67 @@
+"""The distributed form: two gateway processes share one set of shard actors
+(one Ray cluster, one PostgreSQL, one Redis); a change made through one
+gateway is pushed to the user's connections on the other."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.support import Client, ServerProcess, fund, new_user
+
+
+@pytest.fixture
+def two_gateways(ray_address: str, tmp_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    first = ServerProcess(tmp_path / "a", ray_address)
+    second: ServerProcess | None = None
+    try:
+        first.start()
+        services = json.loads((tmp_path / "a" / "run" / "services.json").read_text())
+        second = ServerProcess(
+            tmp_path / "b",
+            ray_address,
+            env={
+                "LOADOUT_DATABASE_URL": services["database_url"],
+                "LOADOUT_REDIS_URL": services["redis_url"],
+            },
+        )
+        second.start(namespace=first.namespace)
+        yield first, second
+    finally:
+        if second is not None:
+            second.kill()
+        first.kill()
+        first.kill_actors()
+
+
+async def test_pushes_and_serial_order_across_gateways(
+    two_gateways: tuple[ServerProcess, ServerProcess],
+) -> None:
+    a, b = two_gateways
+    user = new_user()
+    await fund(a, user, 10 * 5)
+    on_a = await Client.open(a, user)
+    on_b = await Client.open(b, user, binary=True)
+    try:
+        bought = await on_b.request(
+            {"type": "purchase", "key": "x", "sku": "plat.booster.xp", "price": 5}
+        )
+        push = await on_a.push("inventory", version=bought["version"])
+        assert push["balance"] == 45
+        pending = []
+        for n in range(20):  # both gateways, one user, funds for 9 more
+            c = on_a if n % 2 else on_b
+            buy = {"type": "purchase", "key": f"k{n}", "sku": "plat.booster.xp", "price": 5}
+            pending.append((c, await c.send(buy)))
+        replies = [await c.reply(rid) for c, rid in pending]
+        assert sum(r["type"] == "purchased" for r in replies) == 9
+        state_a = await on_a.request({"type": "state"})
+        state_b = await on_b.request({"type": "state"})
+        assert state_a["balance"] == state_b["balance"] == 0
+        assert state_a["version"] == state_b["version"]
+    finally:
+        await on_a.close()
+        await on_b.close()
