@@ -18,7 +18,7 @@ import redis
 
 from persistence.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def gone(pid: int, timeout: float) -> bool:
