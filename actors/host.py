@@ -80,6 +80,7 @@ class ShardHost:
         self.users: OrderedDict[str, UserState] = OrderedDict()
         self.catalog = Catalog.empty()
         self._loading: dict[str, asyncio.Future[None]] = {}
+        self._last_used: dict[str, float] = {}
         self._pool: asyncpg.Pool | None = None
         self._redis: aioredis.Redis | None = None
         self._journal: Journal | None = None
@@ -88,6 +89,7 @@ class ShardHost:
         self._encoder = msgspec.msgpack.Encoder()
         self.epoch = 0
         self.activations = 0
+        self.passivations = 0
         self.dropped_pushes = 0
 
     # ------------------------------------------------------------------ life
@@ -142,6 +144,7 @@ class ShardHost:
             "epoch": self.epoch,
             "users": len(self.users),
             "activations": self.activations,
+            "passivations": self.passivations,
             "catalog": self.catalog.version,
             "flushes": journal.flushes if journal else 0,
             "flushed_records": journal.flushed_records if journal else 0,
@@ -199,6 +202,7 @@ class ShardHost:
         if state is None:  # dropped after a failed flush while this batch loaded
             return self._error(request.rid, ErrorCode.UNAVAILABLE, "please retry")
         self.users.move_to_end(user_id)
+        self._last_used[user_id] = time.monotonic()
         try:
             match request:
                 case State() | Inspect():
@@ -315,26 +319,33 @@ class ShardHost:
         """After a failed flush: forget these users; they reload from what is durable."""
         for u in user_ids:
             self.users.pop(u, None)
+            self._last_used.pop(u, None)
         log.warning("dropped %d users after a failed flush", len(user_ids))
 
     async def _passivate_idle(self) -> None:
-        idle_since: dict[str, float] = {}
         while True:
             await asyncio.sleep(min(10.0, self.settings.idle_seconds / 2))
-            assert self._journal is not None
-            now = time.monotonic()
-            # Users are kept in least-recently-used order: age the front.
-            for user_id in list(self.users):
-                first_seen = idle_since.setdefault(user_id, now)
-                over = len(self.users) > self.settings.max_users
-                if (over or now - first_seen >= self.settings.idle_seconds) and not (
-                    self._journal.is_pending(user_id)
-                ):
-                    del self.users[user_id]
-                    idle_since.pop(user_id, None)
-            for user_id in list(idle_since):
-                if user_id not in self.users:
-                    del idle_since[user_id]
+            self.passivate(time.monotonic())
+
+    def passivate(self, now: float) -> int:
+        """Drop users idle for ``idle_seconds`` (or the least recently used
+        beyond ``max_users``), except those with changes not yet durable."""
+        assert self._journal is not None
+        cutoff = now - self.settings.idle_seconds
+        dropped = 0
+        for user_id in list(self.users):  # least recently used first
+            over = len(self.users) > self.settings.max_users
+            if not over and self._last_used.get(user_id, now) > cutoff:
+                break
+            if self._journal.is_pending(user_id):
+                continue
+            del self.users[user_id]
+            self._last_used.pop(user_id, None)
+            dropped += 1
+        self.passivations += dropped
+        if dropped:
+            log.info("passivated %d idle users; %d resident", dropped, len(self.users))
+        return dropped
 
     # --------------------------------------------------------------- history
 

@@ -217,7 +217,9 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
         for b in batchers:
             b.start()
         limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
-        gateway = Gateway(settings.secret, batchers, holder.current, limiter)
+        gateway = Gateway(
+            settings.secret, batchers, holder.current, limiter, settings.max_connections
+        )
 
         async def catalog_changed(version: int) -> None:
             if version > holder.catalog.version and await holder.refresh():

@@ -62,6 +62,7 @@ class Settings:
     rate_burst: int = 200
     flush_interval_ms: float = 0.0
     idle_seconds: float = 600.0
+    max_connections: int = 20_000
     log_level: str = "INFO"
 
     @classmethod
@@ -86,6 +87,7 @@ class Settings:
             rate_burst=_int(env, "LOADOUT_RATE_BURST", 200, 1, 10**9),
             flush_interval_ms=_float(env, "LOADOUT_FLUSH_INTERVAL_MS", 0.0, 0.0, 1000.0),
             idle_seconds=_float(env, "LOADOUT_IDLE_SECONDS", 600.0, 1.0, 10**7),
+            max_connections=_int(env, "LOADOUT_MAX_CONNECTIONS", 20_000, 1, 10**7),
             log_level=level,
         )
 

@@ -99,8 +99,11 @@ class Gateway:
         batchers: list[ShardBatcher],
         catalog: Callable[[], Catalog],
         limiter: RateLimiter,
+        max_connections: int = 20_000,
     ) -> None:
         self._secret = secret
+        self._max_connections = max_connections
+        self.connections = 0
         self._batchers = batchers
         self._catalog = catalog
         self._limiter = limiter
@@ -122,6 +125,7 @@ class Gateway:
             select_subprotocol=self._select_subprotocol,
             subprotocols=[JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL],  # type: ignore[list-item]
             max_size=MAX_FRAME,
+            compression=None,  # small frames: deflate costs more CPU than it saves
             max_queue=64,
             write_limit=256 * 1024,
             ping_interval=20,
@@ -160,6 +164,9 @@ class Gateway:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         if self.draining:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+        if self.connections + len(self._identities) >= self._max_connections:
+            log.warning("refused a connection: %d open (the limit)", self.connections)
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         token = _bearer(request.headers)
         if token is None:
             tokens = parse_qs(url.query).get("token")
@@ -205,19 +212,26 @@ class Gateway:
             client.send(client.codec.encode(welcome))
             reader = asyncio.create_task(self._read(client))
             writer = asyncio.create_task(self._write(client))
-            _, pending = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(
+                {reader, writer}, return_when=asyncio.FIRST_COMPLETED
+            )
             for task in pending:
                 task.cancel()
             for task in pending:
-                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                with contextlib.suppress(asyncio.CancelledError):
                     await task
+            for task in done:
+                if task.exception() is not None:
+                    log.error("connection of %s failed", identity.user, exc_info=task.exception())
         finally:
             self._unregister(client)
 
     def _register(self, client: Client) -> None:
         self.clients.setdefault(client.identity.user, set()).add(client)
+        self.connections += 1
 
     def _unregister(self, client: Client) -> None:
+        self.connections -= 1
         if client.watched:
             self.on_disconnect(client.identity.user)
         group = self.clients.get(client.identity.user)
@@ -229,12 +243,13 @@ class Gateway:
 
     async def _write(self, client: Client) -> None:
         text = not client.codec.binary
-        while True:
-            data = await client.outbox.get()
-            try:
-                await client.ws.send(data, text=text)
-            finally:
-                client.outbox.task_done()
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                data = await client.outbox.get()
+                try:
+                    await client.ws.send(data, text=text)
+                finally:
+                    client.outbox.task_done()
 
     async def _read(self, client: Client) -> None:
         with contextlib.suppress(ConnectionClosed):

@@ -21,6 +21,9 @@ def server(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         finally:
             proc.kill()
             proc.kill_actors()
+    # Whatever the tests did, the server logged no crash of its own.
+    log = proc.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, proc.tail(200)
 
 
 @pytest.fixture

@@ -159,3 +159,27 @@ async def test_rate_limit(ray_address: str, tmp_path: object) -> None:
     finally:
         proc.stop()
         proc.kill_actors()
+
+
+async def test_connection_limit(ray_address: str, tmp_path: object) -> None:
+    from pathlib import Path
+
+    proc = ServerProcess(Path(str(tmp_path)) / "d", ray_address,
+                         env={"LOADOUT_MAX_CONNECTIONS": "2"})  # fmt: skip
+    proc.start()
+    try:
+        async with await Client.open(proc, new_user()), await Client.open(proc, new_user()):
+            with pytest.raises(InvalidStatus) as refused:
+                await Client.open(proc, new_user())
+            assert refused.value.response.status_code == 503
+        for _ in range(50):  # room again, once the server has seen the closes
+            try:
+                c = await Client.open(proc, new_user())
+                break
+            except InvalidStatus:
+                await asyncio.sleep(0.1)
+        async with c:
+            assert (await c.request({"type": "state"}))["type"] == "state"
+    finally:
+        proc.stop()
+        proc.kill_actors()

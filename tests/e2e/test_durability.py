@@ -3,6 +3,7 @@ half-applied; a left-over writer from the killed run is fenced out."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -125,3 +126,37 @@ async def test_graceful_stop_keeps_everything(fresh_server: ServerProcess) -> No
     assert state["version"] == 1 + len(bought)
     assert sum(e["amount"] for e in state["history"]) == state["balance"]
     server.stop()
+
+
+async def test_idle_users_are_passivated_and_come_back(ray_address: str, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from actors.shard import shard_of
+
+    server = ServerProcess(
+        Path(str(tmp_path)) / "p", ray_address, env={"LOADOUT_IDLE_SECONDS": "1"}
+    )
+    server.start()
+    try:
+        user = new_user()
+        async with await Client.open(server, "ops", role=Role.ADMIN) as admin:
+            await admin.request({"type": "grant", "user": user, "amount": 100, "key": "g"})
+        async with await Client.open(server, user) as c:
+            buy = {"type": "purchase", "key": "once", "sku": "plat.booster.xp", "price": 5}
+            first = await c.request(buy)
+            shard = ray.get_actor(
+                shard_name(shard_of(user, server.shards)), namespace=server.namespace
+            )
+            for _ in range(50):
+                stats = await shard.stats.remote()
+                if stats["passivations"] >= 1 and stats["users"] == 0:
+                    break
+                await asyncio.sleep(0.2)
+            assert stats["users"] == 0 and stats["passivations"] >= 1, stats
+            replay = await c.request(buy)  # the key comes back from the journal
+            assert {**replay, "rid": 0} == {**first, "rid": 0}
+            state = await c.request({"type": "state"})
+            assert state["balance"] == 95 and state["version"] == 2
+            assert (await shard.stats.remote())["activations"] >= 2
+    finally:
+        server.stop()
