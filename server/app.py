@@ -31,6 +31,7 @@ from persistence.schema import migrate
 from server.batching import ShardBatcher
 from server.config import Settings
 from server.gateway import Gateway
+from server.metrics import Metrics
 from server.pushes import PushFanout
 from server.ratelimit import RateLimiter
 
@@ -211,14 +212,16 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
             await handle.start.remote()
         if services.ray_local:
             record_ray_processes(settings.data_dir, {c.pid or 0 for c in services.embedded})
+        metrics = Metrics()
         batchers = [
-            ShardBatcher(i, h, lambda: holder.catalog.version) for i, h in enumerate(handles)
+            ShardBatcher(i, h, lambda: holder.catalog.version, on_batch=metrics.batches.observe)
+            for i, h in enumerate(handles)
         ]
         for b in batchers:
             b.start()
         limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
         gateway = Gateway(
-            settings.secret, batchers, holder.current, limiter, settings.max_connections
+            settings.secret, batchers, holder.current, limiter, settings.max_connections, metrics
         )
 
         async def catalog_changed(version: int) -> None:

@@ -51,7 +51,9 @@ class ShardBatcher:
         max_batch: int = 4096,
         max_queue: int = 100_000,
         timeout: float = 15.0,
+        on_batch: Callable[[int], None] = lambda size: None,
     ) -> None:
+        self._on_batch = on_batch
         self.shard = shard
         self._handle = handle
         self._catalog_version = catalog_version
@@ -100,6 +102,7 @@ class ShardBatcher:
             del self._items[: self._max_batch], self._futures[: self._max_batch]
             if not self._items:
                 self._wake.clear()
+            self._on_batch(len(items))
             try:
                 ref = self._handle.apply.remote(self._catalog_version(), items)
                 replies: list[bytes] = await asyncio.wait_for(ref, self._timeout)

@@ -47,6 +47,7 @@ from protocol.messages import (
 )
 from server.auth import AuthError, Identity, verify_token
 from server.batching import ShardBatcher, ShardBusy
+from server.metrics import Metrics
 from server.ratelimit import RateLimiter
 
 __all__ = ["Gateway", "GatewayLimits"]
@@ -56,6 +57,16 @@ log = logging.getLogger("loadout.gateway")
 MAX_FRAME = 64 * 1024
 _msgpack_any = msgspec.msgpack.Decoder()
 _json = msgspec.json.Encoder()
+
+
+class _Outcome(msgspec.Struct):
+    """Just the fields of a reply the metrics need."""
+
+    type: str
+    code: str | None = None
+
+
+_outcome = msgspec.msgpack.Decoder(_Outcome)
 
 
 class GatewayLimits:
@@ -68,10 +79,13 @@ class GatewayLimits:
 class Client:
     """One open connection."""
 
-    __slots__ = ("bad", "codec", "identity", "in_flight", "outbox", "watched", "ws")
+    __slots__ = ("bad", "codec", "identity", "in_flight", "metrics", "outbox", "watched", "ws")
 
-    def __init__(self, ws: ServerConnection, identity: Identity, codec: Codec) -> None:
+    def __init__(
+        self, ws: ServerConnection, identity: Identity, codec: Codec, metrics: Metrics
+    ) -> None:
         self.ws = ws
+        self.metrics = metrics
         self.identity = identity
         self.codec = codec
         self.outbox: asyncio.Queue[bytes] = asyncio.Queue(GatewayLimits.send_queue)
@@ -84,6 +98,7 @@ class Client:
             self.outbox.put_nowait(data)
         except asyncio.QueueFull:
             log.warning("closing %s: not reading (send queue full)", self.identity.user)
+            self.metrics.disconnects.labels("not_reading").inc()
             asyncio.get_running_loop().create_task(self.ws.close(1008, "not reading"))
 
 
@@ -100,7 +115,9 @@ class Gateway:
         catalog: Callable[[], Catalog],
         limiter: RateLimiter,
         max_connections: int = 20_000,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self._secret = secret
         self._max_connections = max_connections
         self.connections = 0
@@ -160,6 +177,8 @@ class Gateway:
         url = urlsplit(request.path)
         if url.path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
+        if url.path == "/metrics":
+            return connection.respond(HTTPStatus.OK, self.metrics.render().decode())
         if url.path != "/v1/ws":
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         if self.draining:
@@ -190,7 +209,7 @@ class Gateway:
 
     async def _handle(self, ws: ServerConnection) -> None:
         identity = self._identities.pop(id(ws))
-        client = Client(ws, identity, codec_for(ws.subprotocol))
+        client = Client(ws, identity, codec_for(ws.subprotocol), self.metrics)
         self._register(client)
         try:
             if self.on_connection is not None:
@@ -229,9 +248,11 @@ class Gateway:
     def _register(self, client: Client) -> None:
         self.clients.setdefault(client.identity.user, set()).add(client)
         self.connections += 1
+        self.metrics.connections.inc()
 
     def _unregister(self, client: Client) -> None:
         self.connections -= 1
+        self.metrics.connections.dec()
         if client.watched:
             self.on_disconnect(client.identity.user)
         group = self.clients.get(client.identity.user)
@@ -269,7 +290,10 @@ class Gateway:
         client.in_flight.release()
         client.send(data)
 
-    def _refuse(self, client: Client, rid: str | int | None, error: RequestError) -> None:
+    def _refuse(
+        self, client: Client, rid: str | int | None, error: RequestError, kind: str = "unknown"
+    ) -> None:
+        self.metrics.requests.labels(kind, error.code.value).inc()
         self._reply_now(client, client.codec.encode_error(rid, error))
 
     def _dispatch(self, client: Client, frame: bytes | str) -> None:
@@ -285,15 +309,15 @@ class Gateway:
         try:
             request = codec.decode_request(frame)
         except RequestError as error:
-            self._refuse(client, codec.rid_of(frame), error)
+            self._refuse(client, codec.rid_of(frame), error, "invalid")
             return self._count_bad_frame(client)
         match request:
             case CatalogRequest():
                 return self._answer_catalog(client, request)
             case Grant() if identity.role is not Role.ADMIN:
-                return self._refuse(client, request.rid, _forbidden("grant"))
+                return self._refuse(client, request.rid, _forbidden("grant"), "grant")
             case Inspect() if identity.role is Role.PLAYER:
-                return self._refuse(client, request.rid, _forbidden("inspect"))
+                return self._refuse(client, request.rid, _forbidden("inspect"), "inspect")
             case Grant() | Inspect():
                 user = request.user
             case _:
@@ -302,16 +326,21 @@ class Gateway:
 
     def _route(self, client: Client, user: str, request: ClientMessage) -> None:
         batcher = self._batchers[shard_of(user, len(self._batchers))]
+        kind: str = request.__struct_config__.tag  # type: ignore[assignment]
         try:
             future = batcher.submit(user, request)  # type: ignore[arg-type]
         except ShardBusy:
             error = RequestError(ErrorCode.UNAVAILABLE, "the server is overloaded; retry")
-            return self._refuse(client, request.rid, error)
+            return self._refuse(client, request.rid, error, kind)
         binary = client.codec.binary
+        started = time.perf_counter()
 
         def done(f: asyncio.Future[bytes]) -> None:
             data = f.result()
             self._reply_now(client, data if binary else _transcode(data))
+            outcome = _outcome.decode(data)
+            self.metrics.requests.labels(kind, outcome.code or "ok").inc()
+            self.metrics.latency.labels(kind).observe(time.perf_counter() - started)
 
         future.add_done_callback(done)
 
@@ -322,10 +351,12 @@ class Gateway:
                 request.game, request.category, request.cursor, request.limit
             )
         except ValueError as exc:
-            return self._refuse(client, request.rid, RequestError(ErrorCode.BAD_REQUEST, str(exc)))
+            error = RequestError(ErrorCode.BAD_REQUEST, str(exc))
+            return self._refuse(client, request.rid, error, "catalog")
         reply = CatalogReply(
             rid=request.rid, version=catalog.version, items=[i.to_wire() for i in items], next=after
         )
+        self.metrics.requests.labels("catalog", "ok").inc()
         self._reply_now(client, client.codec.encode(reply))
 
     def _count_bad_frame(self, client: Client) -> None:
@@ -335,6 +366,7 @@ class Gateway:
             client.bad.popleft()
         if len(client.bad) > GatewayLimits.bad_frames:
             log.info("closing %s: too many bad frames", client.identity.user)
+            self.metrics.disconnects.labels("bad_frames").inc()
             asyncio.get_running_loop().create_task(client.ws.close(1008, "too many bad frames"))
 
     # ----------------------------------------------------------------- pushes
@@ -345,6 +377,7 @@ class Gateway:
         if not group:
             return
         as_json: bytes | None = None
+        self.metrics.pushes.inc(len(group))
         for client in list(group):
             if client.codec.binary:
                 client.send(data)

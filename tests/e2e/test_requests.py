@@ -3,6 +3,9 @@ WebSockets, in both subprotocols."""
 
 from __future__ import annotations
 
+import asyncio
+import urllib.request
+
 import pytest
 
 from protocol.messages import Role
@@ -148,3 +151,23 @@ async def test_admin_grant_and_inspect(server: ServerProcess, binary: bool) -> N
         assert seen["balance"] == 250
         refused = await svc.request({"type": "grant", "user": user, "amount": 1, "key": "x"})
         assert refused["code"] == "forbidden"
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return str(r.read().decode())
+
+
+async def test_metrics(server: ServerProcess, binary: bool) -> None:
+    async with await Client.open(server, new_user(), binary=binary) as c:
+        await c.request({"type": "state"})
+        await c.request({"type": "purchase", "key": "k", "sku": "plat.booster.xp", "price": 5})
+        await c.send_raw(c.encode([1]))
+        await c.recv()
+        text = await asyncio.to_thread(_get, f"http://127.0.0.1:{server.port}/metrics")
+    assert 'loadout_requests_total{outcome="ok",type="state"}' in text
+    assert 'loadout_requests_total{outcome="insufficient_funds",type="purchase"}' in text
+    assert 'loadout_requests_total{outcome="bad_request",type="invalid"}' in text
+    assert "\nloadout_connections " in text
+    assert 'loadout_request_seconds_bucket{le="0.05",type="state"}' in text
+    assert "loadout_shard_batch_size_count" in text

@@ -1,0 +1,42 @@
+"""Prometheus metrics of a gateway process, served at ``GET /metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+
+
+class Metrics:
+    """One registry per gateway (so tests can build several in a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.connections = Gauge(
+            "loadout_connections", "Open WebSocket connections.", registry=self.registry
+        )
+        self.requests = Counter(
+            "loadout_requests", "Requests answered, by type and outcome (ok or error code).",
+            ["type", "outcome"], registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "loadout_request_seconds", "From frame received to reply queued, by type.",
+            ["type"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.pushes = Counter(
+            "loadout_pushes", "Pushes queued to connections.", registry=self.registry
+        )
+        self.batches = Histogram(
+            "loadout_shard_batch_size", "Requests per shard call.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+            registry=self.registry,
+        )  # fmt: skip
+        self.disconnects = Counter(
+            "loadout_disconnects", "Connections closed by the server, by reason.",
+            ["reason"], registry=self.registry,
+        )  # fmt: skip
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
