@@ -216,7 +216,7 @@ def handle(state: UserState, request: Mutation, catalog: Catalog, now: int) -> O
             return Outcome(msgspec.structs.replace(seen[1], rid=request.rid))
     events = _decide(state, request, catalog, now)
     if not events:  # nothing to change (e.g. equipping what is already equipped)
-        return Outcome(_reply(state, request, None))
+        return Outcome(msgspec.structs.replace(_reply(state, request, None), rid=request.rid))
     change = _change(state, now, request.__struct_config__.tag, events, key)  # type: ignore[arg-type]
     evolve(state, change)
     reply = _reply(state, request, change)
