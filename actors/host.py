@@ -96,7 +96,7 @@ class ShardHost:
 
     async def start(self) -> None:
         s = self.settings
-        self._pool = await asyncpg.create_pool(s.database_url, min_size=1, max_size=s.pool_size)
+        self._pool = await store.open_pool(s.database_url, max_size=s.pool_size)
         self._redis = aioredis.from_url(s.redis_url)
         self.epoch = await store.acquire_epoch(self._pool, s.shard)
         self.catalog = await load_live_catalog(self._pool)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from typing import Any
 
 import ray
@@ -36,6 +37,7 @@ class ShardActor:
         logging.basicConfig(
             level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        _run_at_normal_priority()
         self._host = ShardHost(settings)
         self._started: asyncio.Task[None] | None = None
 
@@ -60,6 +62,22 @@ class ShardActor:
     async def close(self) -> None:
         if self._started is not None:
             await self._host.close()
+
+
+def _run_at_normal_priority() -> None:
+    """Ray starts workers at niceness 15 (``RAY_worker_niceness``), under the
+    gateways that feed them: on a small machine a shard then waits behind
+    every other busy process.  Shards are the service, so run at 0 if allowed."""
+    try:
+        # Niceness is per thread on Linux: renice every thread Ray made.
+        for task in os.listdir("/proc/self/task"):
+            if os.getpriority(os.PRIO_PROCESS, int(task)) > 0:
+                os.setpriority(os.PRIO_PROCESS, int(task), 0)
+    except (OSError, AttributeError):
+        logging.getLogger("loadout.shard").warning(
+            "shard runs at niceness %s: set RAY_worker_niceness=0 on the Ray nodes",
+            os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else "?",
+        )
 
 
 def shard_handles(

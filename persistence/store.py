@@ -17,8 +17,22 @@ __all__ = [
     "load_ledger",
     "load_retired_items",
     "load_users",
+    "open_pool",
     "publish_catalog",
 ]
+
+
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """Loadout keeps no session state (no LISTEN, no session locks or
+    settings), so a connection going back to the pool needs no ``RESET ALL``
+    round trip; asyncpg still rolls back an open transaction itself."""
+
+
+async def open_pool(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, reset=_keep_session
+    )
+    return pool
 
 
 class StoredUser(NamedTuple):

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from actors.catalog import Catalog, demo_catalog_text
 from actors.catalog_source import load_live_catalog, publish_catalog_text
 from actors.host import ShardSettings
+from persistence import store
 from persistence.embedded import EmbeddedPostgres, EmbeddedRedis
 from persistence.schema import migrate
 from server.batching import ShardBatcher
@@ -181,7 +182,7 @@ class CatalogHolder:
 async def serve_async(settings: Settings, services: Services, stop: asyncio.Event) -> None:
     from actors.shard import shard_handles
 
-    pool = await asyncpg.create_pool(services.database_url, min_size=1, max_size=4)
+    pool = await store.open_pool(services.database_url)
     redis = aioredis.from_url(services.redis_url)
     try:
         await migrate(pool)

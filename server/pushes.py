@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -41,6 +42,7 @@ class PushFanout:
         self._task: asyncio.Task[None] | None = None
         self._changes: asyncio.Queue[tuple[bool, str]] = asyncio.Queue()
         self._subscribed: dict[str, asyncio.Future[None]] = {}
+        self._catalog_tasks: set[asyncio.Task[None]] = set()
         self._subscriber: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -106,22 +108,28 @@ class PushFanout:
     async def _listen(self) -> None:
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                async for message in self._pubsub.listen():
+                    self._on_message(message)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.error("push listener lost Redis: %r; retrying", exc)
                 await asyncio.sleep(0.5)
-                continue
-            if message is None or message.get("type") != "message":
-                continue
-            channel = message["channel"]
-            channel = channel.decode() if isinstance(channel, bytes) else channel
-            data = message["data"]
-            if channel.startswith(_USER_PREFIX):
-                self._deliver(channel[len(_USER_PREFIX) :], data)
-            elif channel == catalog_channel():
-                try:
-                    await self._catalog_changed(int(data))
-                except Exception:
-                    log.exception("could not load the new catalog")
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        if message.get("type") != "message":
+            return
+        channel = message["channel"]
+        channel = channel.decode() if isinstance(channel, bytes) else channel
+        if channel.startswith(_USER_PREFIX):
+            self._deliver(channel[len(_USER_PREFIX) :], message["data"])
+        elif channel == catalog_channel():
+            task = asyncio.get_running_loop().create_task(self._on_catalog(int(message["data"])))
+            self._catalog_tasks.add(task)
+            task.add_done_callback(self._catalog_tasks.discard)
+
+    async def _on_catalog(self, version: int) -> None:
+        try:
+            await self._catalog_changed(version)
+        except Exception:
+            log.exception("could not load catalog version %d", version)
