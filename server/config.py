@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = ["ConfigError", "Settings"]
 
@@ -20,27 +21,20 @@ class ConfigError(ValueError):
     """A setting has a value Loadout cannot use; the message names it."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+_N = TypeVar("_N", int, float)
+
+
+def _number(env: Mapping[str, str], name: str, default: _N, low: _N, high: _N) -> _N:
+    """A numeric setting of the type of its default, within [low, high]."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
+    kind = type(default)
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, not {raw!r}") from None
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
     return value
@@ -74,20 +68,20 @@ class Settings:
             raise ConfigError(f"LOADOUT_LOG_LEVEL must be a logging level, not {level!r}")
         return cls(
             host=env.get("LOADOUT_HOST") or "127.0.0.1",
-            port=_int(env, "LOADOUT_PORT", 8765, 0, 65535),
+            port=_number(env, "LOADOUT_PORT", 8765, 0, 65535),
             data_dir=data_dir,
             database_url=env.get("LOADOUT_DATABASE_URL") or None,
             redis_url=env.get("LOADOUT_REDIS_URL") or None,
             ray_address=env.get("RAY_ADDRESS") or None,
             secret=env.get("LOADOUT_SECRET") or "",
-            starting_balance=_int(env, "LOADOUT_STARTING_BALANCE", 0, 0, 2**53 - 1),
-            shards=_int(env, "LOADOUT_SHARDS", 2, 1, 1024),
+            starting_balance=_number(env, "LOADOUT_STARTING_BALANCE", 0, 0, 2**53 - 1),
+            shards=_number(env, "LOADOUT_SHARDS", 2, 1, 1024),
             ray_namespace=env.get("LOADOUT_RAY_NAMESPACE") or "loadout",
-            rate_per_second=_float(env, "LOADOUT_RATE_PER_SECOND", 100.0, 0.1, 1e9),
-            rate_burst=_int(env, "LOADOUT_RATE_BURST", 200, 1, 10**9),
-            flush_interval_ms=_float(env, "LOADOUT_FLUSH_INTERVAL_MS", 0.0, 0.0, 1000.0),
-            idle_seconds=_float(env, "LOADOUT_IDLE_SECONDS", 600.0, 1.0, 10**7),
-            max_connections=_int(env, "LOADOUT_MAX_CONNECTIONS", 20_000, 1, 10**7),
+            rate_per_second=_number(env, "LOADOUT_RATE_PER_SECOND", 100.0, 0.1, 1e9),
+            rate_burst=_number(env, "LOADOUT_RATE_BURST", 200, 1, 10**9),
+            flush_interval_ms=_number(env, "LOADOUT_FLUSH_INTERVAL_MS", 0.0, 0.0, 1000.0),
+            idle_seconds=_number(env, "LOADOUT_IDLE_SECONDS", 600.0, 1.0, 10**7),
+            max_connections=_number(env, "LOADOUT_MAX_CONNECTIONS", 20_000, 1, 10**7),
             log_level=level,
         )
 
