@@ -29,7 +29,7 @@ from actors.host import ShardSettings
 from persistence import store
 from persistence.embedded import EmbeddedPostgres, EmbeddedRedis
 from persistence.schema import migrate
-from server.batching import ShardBatcher
+from server.batching import ShardBatcher, ShardRouter
 from server.config import Settings
 from server.gateway import Gateway
 from server.metrics import Metrics
@@ -218,11 +218,11 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
             ShardBatcher(i, h, lambda: holder.catalog.version, on_batch=metrics.batches.observe)
             for i, h in enumerate(handles)
         ]
-        for b in batchers:
-            b.start()
+        backend = ShardRouter(batchers)
+        backend.start()
         limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
         gateway = Gateway(
-            settings.secret, batchers, holder.current, limiter, settings.max_connections, metrics
+            settings.secret, backend, holder.current, limiter, settings.max_connections, metrics
         )
 
         async def catalog_changed(version: int) -> None:
@@ -245,11 +245,10 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
         log.info("draining: no new connections; answering requests in flight")
         await gateway.stop_accepting()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(b.drain() for b in batchers)), 20)
+            await asyncio.wait_for(backend.drain(), 20)
         await gateway.close_all()
         sweeper.cancel()
-        for b in batchers:
-            await b.close()
+        await backend.close()
         await fanout.close()
         if services.ray_local:
             for handle in handles:

@@ -13,15 +13,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
 from actors.host import BatchItem, ShardRequest
+from actors.shard import shard_of
 from protocol.errors import ErrorCode
 from protocol.messages import Error
 
-__all__ = ["ShardBatcher", "ShardBusy"]
+__all__ = ["Backend", "ShardBatcher", "ShardBusy", "ShardRouter"]
 
 log = logging.getLogger("loadout.batching")
 
@@ -126,3 +127,38 @@ class ShardBatcher:
             self.requests += len(items)
             if not self._items:
                 self._idle.set()
+
+
+class Backend(Protocol):
+    """What the gateway sends user requests to (the core under the gateway)."""
+
+    def submit(self, user_id: str, request: ShardRequest) -> asyncio.Future[bytes]:
+        """Queue a request; the future gets the msgpack reply. May raise ShardBusy."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until every request submitted so far has its reply."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ShardRouter:
+    """The actor core: each user's requests go to the batcher of its shard."""
+
+    def __init__(self, batchers: list[ShardBatcher]) -> None:
+        self.batchers = batchers
+
+    def start(self) -> None:
+        for batcher in self.batchers:
+            batcher.start()
+
+    def submit(self, user_id: str, request: ShardRequest) -> asyncio.Future[bytes]:
+        return self.batchers[shard_of(user_id, len(self.batchers))].submit(user_id, request)
+
+    async def drain(self) -> None:
+        await asyncio.gather(*(b.drain() for b in self.batchers))
+
+    async def close(self) -> None:
+        for batcher in self.batchers:
+            await batcher.close()

@@ -29,7 +29,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from actors.catalog import Catalog
-from actors.shard import shard_of
 from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, Codec, codec_for
 from protocol.errors import ErrorCode, RequestError
 from protocol.messages import (
@@ -46,7 +45,7 @@ from protocol.messages import (
     Catalog as CatalogRequest,
 )
 from server.auth import AuthError, Identity, verify_token
-from server.batching import ShardBatcher, ShardBusy
+from server.batching import Backend, ShardBusy
 from server.metrics import Metrics
 from server.ratelimit import RateLimiter
 
@@ -111,7 +110,7 @@ class Gateway:
     def __init__(
         self,
         secret: str,
-        batchers: list[ShardBatcher],
+        backend: Backend,
         catalog: Callable[[], Catalog],
         limiter: RateLimiter,
         max_connections: int = 20_000,
@@ -121,7 +120,7 @@ class Gateway:
         self._secret = secret
         self._max_connections = max_connections
         self.connections = 0
-        self._batchers = batchers
+        self._backend = backend
         self._catalog = catalog
         self._limiter = limiter
         self._identities: dict[int, Identity] = {}
@@ -325,10 +324,9 @@ class Gateway:
         self._route(client, user, request)
 
     def _route(self, client: Client, user: str, request: ClientMessage) -> None:
-        batcher = self._batchers[shard_of(user, len(self._batchers))]
         kind: str = request.__struct_config__.tag  # type: ignore[assignment]
         try:
-            future = batcher.submit(user, request)  # type: ignore[arg-type]
+            future = self._backend.submit(user, request)  # type: ignore[arg-type]
         except ShardBusy:
             error = RequestError(ErrorCode.UNAVAILABLE, "the server is overloaded; retry")
             return self._refuse(client, request.rid, error, kind)
