@@ -21,6 +21,9 @@ Tables:
 ``catalog_versions`` every published catalog document; the newest is live.
 ``games``, ``items`` the published catalogs in relational form, for operators'
                      SQL and for the retired-item lookup.
+``lock_*``           the lock baseline's own tables (``LOADOUT_CORE=lock``, used
+                     by ``loadout bench --baseline lock``); the actor core never
+                     reads them.
 """
 
 from __future__ import annotations
@@ -136,6 +139,73 @@ MIGRATIONS: list[str] = [
              WHERE n.base = 0;
     END
     $$;
+    """,
+    # 3: the lock baseline (``LOADOUT_CORE=lock``, server/lock_core.py): the
+    # BattleBucks design (battlebucks-design.md §1, §4.3) on tables of its own,
+    # one transaction per request that takes the wallet row FOR UPDATE.
+    """
+    CREATE TABLE lock_wallets (
+        user_id     text PRIMARY KEY,
+        balance     bigint NOT NULL CHECK (balance >= 0),
+        version     bigint NOT NULL,
+        updated_at  timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE lock_purchases (
+        id              bigserial PRIMARY KEY,
+        user_id         text NOT NULL,
+        transaction_id  text NOT NULL,
+        sku             text NOT NULL,
+        quantity        integer NOT NULL,
+        unit_price      bigint NOT NULL,
+        total           bigint NOT NULL,
+        balance         bigint NOT NULL,
+        version         bigint NOT NULL,
+        status          text NOT NULL DEFAULT 'completed',
+        created_at      timestamptz NOT NULL DEFAULT now(),
+        UNIQUE (user_id, transaction_id)
+    );
+    CREATE TABLE lock_inventory (
+        user_id     text NOT NULL,
+        sku         text NOT NULL,
+        quantity    integer NOT NULL CHECK (quantity >= 0),
+        acquired_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (user_id, sku)
+    );
+    CREATE TABLE lock_ledger (
+        id          bigserial PRIMARY KEY,
+        user_id     text NOT NULL,
+        at          timestamptz NOT NULL DEFAULT now(),
+        kind        text NOT NULL,
+        amount      bigint NOT NULL,
+        balance     bigint NOT NULL CHECK (balance >= 0),
+        sku         text,
+        quantity    integer,
+        key         text
+    );
+    CREATE INDEX lock_ledger_user ON lock_ledger (user_id, id);
+    CREATE TABLE lock_grants (
+        user_id     text NOT NULL,
+        key         text NOT NULL,
+        amount      bigint NOT NULL,
+        balance     bigint NOT NULL,
+        version     bigint NOT NULL,
+        PRIMARY KEY (user_id, key)
+    );
+    CREATE TABLE lock_profiles (
+        user_id     text NOT NULL,
+        profile     text NOT NULL,
+        game        text,
+        PRIMARY KEY (user_id, profile)
+    );
+    CREATE TABLE lock_equipped (
+        user_id     text NOT NULL,
+        profile     text NOT NULL,
+        slot        text NOT NULL,
+        sku         text NOT NULL,
+        equipped_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (user_id, profile, slot),
+        FOREIGN KEY (user_id, profile) REFERENCES lock_profiles ON DELETE CASCADE
+    );
     """,
 ]
 

@@ -29,9 +29,10 @@ from actors.host import ShardSettings
 from persistence import store
 from persistence.embedded import EmbeddedPostgres, EmbeddedRedis
 from persistence.schema import migrate
-from server.batching import ShardBatcher, ShardRouter
+from server.batching import Backend, ShardBatcher, ShardRouter
 from server.config import Settings
 from server.gateway import Gateway
+from server.lock_core import LockBackend
 from server.metrics import Metrics
 from server.pushes import PushFanout
 from server.ratelimit import RateLimiter
@@ -192,34 +193,46 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
         holder = CatalogHolder(pool)
         await holder.refresh()
 
-        shard_settings = [
-            ShardSettings(
-                shard=i,
-                database_url=services.database_url,
-                redis_url=services.redis_url,
-                starting_balance=settings.starting_balance,
-                idle_seconds=settings.idle_seconds,
-                flush_interval=settings.flush_interval_ms / 1000,
-            )
-            for i in range(settings.shards)
-        ]
-        handles = shard_handles(
-            shard_settings,
-            namespace=settings.ray_namespace,
-            detached=not services.ray_local,
-            log_level=logging.getLevelName(settings.log_level),
-        )
-        for handle in handles:
-            await handle.start.remote()
-        if services.ray_local:
-            record_ray_processes(settings.data_dir, {c.pid or 0 for c in services.embedded})
         metrics = Metrics()
-        batchers = [
-            ShardBatcher(i, h, lambda: holder.catalog.version, on_batch=metrics.batches.observe)
-            for i, h in enumerate(handles)
-        ]
-        backend = ShardRouter(batchers)
-        backend.start()
+        handles: list[Any] = []
+        backend: Backend
+        if settings.core == "lock":
+            # The row-lock baseline under the same gateway (loadout bench --baseline lock).
+            lock = LockBackend(
+                services.database_url, redis, holder.current,
+                starting_balance=settings.starting_balance,
+            )  # fmt: skip
+            await lock.start()
+            backend = lock
+        else:
+            shard_settings = [
+                ShardSettings(
+                    shard=i,
+                    database_url=services.database_url,
+                    redis_url=services.redis_url,
+                    starting_balance=settings.starting_balance,
+                    idle_seconds=settings.idle_seconds,
+                    flush_interval=settings.flush_interval_ms / 1000,
+                )
+                for i in range(settings.shards)
+            ]
+            handles = shard_handles(
+                shard_settings,
+                namespace=settings.ray_namespace,
+                detached=not services.ray_local,
+                log_level=logging.getLevelName(settings.log_level),
+            )
+            for handle in handles:
+                await handle.start.remote()
+            if services.ray_local:
+                record_ray_processes(settings.data_dir, {c.pid or 0 for c in services.embedded})
+            batchers = [
+                ShardBatcher(i, h, lambda: holder.catalog.version, on_batch=metrics.batches.observe)
+                for i, h in enumerate(handles)
+            ]
+            router = ShardRouter(batchers)
+            router.start()
+            backend = router
         limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
         gateway = Gateway(
             settings.secret, backend, holder.current, limiter, settings.max_connections, metrics
@@ -236,8 +249,8 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
         gateway.on_disconnect = fanout.unwatch
         await gateway.start(settings.host, settings.port)
         log.info(
-            "serving ws://%s:%d/v1/ws (%d shards, catalog v%d)",
-            settings.host, gateway.port, len(handles), holder.catalog.version,
+            "serving ws://%s:%d/v1/ws (%s core, %d shards, catalog v%d)",
+            settings.host, gateway.port, settings.core, len(handles), holder.catalog.version,
         )  # fmt: skip
         sweeper = asyncio.create_task(_sweep(limiter))
         await stop.wait()
@@ -273,7 +286,8 @@ def run_server(settings: Settings) -> None:
     settings = settings.with_secret()
     services = start_services(settings)
     try:
-        services.ray_local = start_ray(settings)
+        if settings.core != "lock":  # the lock baseline needs no Ray
+            services.ray_local = start_ray(settings)
 
         async def main() -> None:
             stop = asyncio.Event()

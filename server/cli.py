@@ -129,6 +129,12 @@ def _cmd_grant(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(_grant(settings, args))
 
 
+def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from bench.main import run
+
+    return run(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loadout", description="Loadout: a real-time game-commerce server."
@@ -153,6 +159,16 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--reason", default="", help="recorded with the grant")
     grant.add_argument("--url", help="server URL (default from LOADOUT_HOST/LOADOUT_PORT)")
     grant.set_defaults(run=_cmd_grant)
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark a server (one it starts, or --url); --baseline lock compares",
+        description="Drive a Loadout server with WebSocket clients and report throughput "
+        "and latency (see BENCHMARKS.md).",
+    )
+    from bench.main import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(run=_cmd_bench)
     return parser
 
 
