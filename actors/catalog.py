@@ -13,13 +13,22 @@ import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import resources
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
 
-from protocol.messages import MAX_GEMS, CatalogItem, Delivery, ItemKind, ItemStatus
+from protocol.messages import (
+    MAX_GEMS,
+    BundleEntry,
+    CatalogItem,
+    Delivery,
+    ItemKind,
+    ItemStatus,
+    LimitView,
+)
 
 __all__ = [
     "Catalog",
@@ -36,7 +45,56 @@ GameCode = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
 Label = Annotated[str, Meta(min_length=1, max_length=64)]
 Price = Annotated[int, Meta(ge=0, le=MAX_GEMS)]
+Gems = Annotated[int, Meta(ge=0, le=MAX_GEMS)]
 MaxQuantity = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+Quantity = Annotated[int, Meta(ge=1, le=1_000_000)]
+#: "<integer><s|m|h|d>", e.g. "90s", "15m", "1h", "7d" (PROTOCOL.md §10).
+Duration = Annotated[str, Meta(pattern=r"^[1-9][0-9]{0,6}[smhd]\Z")]
+LimitCount = Annotated[int, Meta(ge=1, le=1000)]
+
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str) -> int:
+    """Seconds in a catalog duration such as ``"7d"``."""
+    return int(text[:-1]) * _SECONDS[text[-1]]
+
+
+class BundleLine(Struct, forbid_unknown_fields=True):
+    sku: Sku
+    quantity: Quantity = 1
+
+
+class PurchaseLimit(Struct, frozen=True, forbid_unknown_fields=True):
+    """At most ``count`` purchases of an item per user in any window of ``per``."""
+
+    count: LimitCount
+    per: Duration
+
+    @property
+    def per_ms(self) -> int:
+        return duration_seconds(self.per) * 1000
+
+
+class Defaults(Struct, frozen=True, forbid_unknown_fields=True):
+    limit: PurchaseLimit | None = None
+
+
+class Sale(Struct, forbid_unknown_fields=True):
+    """A price override from ``starts_at`` (inclusive) to ``ends_at`` (exclusive)."""
+
+    sku: Sku
+    price: Price
+    starts_at: datetime
+    ends_at: datetime
+
+    @property
+    def window_ms(self) -> tuple[int, int]:
+        return _ms(self.starts_at), _ms(self.ends_at)
+
+
+def _ms(when: datetime) -> int:
+    return int(when.timestamp() * 1000)
 
 
 class CatalogFileError(ValueError):
@@ -61,11 +119,22 @@ class ItemSpec(Struct, kw_only=True, forbid_unknown_fields=True):
     max_quantity: MaxQuantity | None = None
     status: ItemStatus = ItemStatus.ACTIVE
     metadata: dict[str, Any] = {}
+    #: A bundle grants these (and ``bundle_gems``) and is never held itself.
+    bundle: list[BundleLine] | None = None
+    bundle_gems: Gems = 0
+    #: Per-user purchase limit; the catalog's ``[defaults]`` one when unset.
+    limit: PurchaseLimit | None = None
+    #: Granted items expire this long after purchase; buying again extends it.
+    duration: Duration | None = None
 
     @property
-    def limit(self) -> int | None:
+    def hold_cap(self) -> int | None:
         """How many a user may hold: 1 for a non-stackable item."""
         return self.max_quantity if self.stackable else 1
+
+    @property
+    def duration_ms(self) -> int | None:
+        return None if self.duration is None else duration_seconds(self.duration) * 1000
 
     def to_wire(self) -> CatalogItem:
         return CatalogItem(
@@ -81,15 +150,32 @@ class ItemSpec(Struct, kw_only=True, forbid_unknown_fields=True):
             max_quantity=self.max_quantity,
             status=self.status,
             metadata=self.metadata,
+            base_price=self.price,
+            bundle=(
+                [BundleEntry(line.sku, line.quantity) for line in self.bundle]
+                if self.bundle is not None
+                else None
+            ),
+            bundle_gems=self.bundle_gems,
+            limit=(
+                LimitView(self.limit.count, duration_seconds(self.limit.per))
+                if self.limit is not None
+                else None
+            ),
+            duration_seconds=(
+                duration_seconds(self.duration) if self.duration is not None else None
+            ),
         )
 
 
 class CatalogDocument(Struct, forbid_unknown_fields=True):
     games: list[GameSpec] = []
     items: list[ItemSpec] = []
+    defaults: Defaults = Defaults()
+    sales: list[Sale] = []
 
 
-_PATH = re.compile(r"\$\.(games|items)\[(\d+)\](?:\.(\w+))?")
+_PATH = re.compile(r"\$\.(games|items|sales)\[(\d+)\](?:\.(\w+))?")
 
 
 def _locate(raw: dict[str, Any], path: str) -> str:
@@ -101,7 +187,7 @@ def _locate(raw: dict[str, Any], path: str) -> str:
     entries = raw.get(table)
     ident: Any = None
     if isinstance(entries, list) and index < len(entries) and isinstance(entries[index], dict):
-        ident = entries[index].get("sku" if table == "items" else "code")
+        ident = entries[index].get("code" if table == "games" else "sku")
     where = f"{table[:-1]} {ident!r}" if isinstance(ident, str) else f"{table[:-1]} #{index + 1}"
     return f"{where}, field {fieldname!r}" if fieldname else where
 
@@ -169,6 +255,8 @@ class Catalog:
     games: dict[str, GameSpec]
     items: dict[str, ItemSpec]
     retired: dict[str, ItemSpec] = field(default_factory=dict)
+    default_limit: PurchaseLimit | None = None
+    sales: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
     _sorted: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -180,7 +268,17 @@ class Catalog:
     ) -> Catalog:
         items = {item.sku: item for item in doc.items}
         gone = {item.sku: item for item in retired if item.sku not in items}
-        return cls(version, {g.code: g for g in doc.games}, items, gone)
+        sales: dict[str, list[tuple[int, int, int]]] = {}
+        for sale in doc.sales:
+            sales.setdefault(sale.sku, []).append((*sale.window_ms, sale.price))
+        return cls(
+            version,
+            {g.code: g for g in doc.games},
+            items,
+            gone,
+            doc.defaults.limit,
+            sales,
+        )
 
     @classmethod
     def empty(cls) -> Catalog:
@@ -189,6 +287,35 @@ class Catalog:
     def lookup(self, sku: str) -> ItemSpec | None:
         """The current or, failing that, last known definition of a sku."""
         return self.items.get(sku) or self.retired.get(sku)
+
+    def price_at(self, item: ItemSpec, now: int) -> tuple[int, int | None]:
+        """The price to pay at ``now`` (ms), and when the sale giving it ends."""
+        for start, end, price in self.sales.get(item.sku, ()):
+            if start <= now < end:
+                return price, end
+        return item.price, None
+
+    def limit_for(self, item: ItemSpec) -> PurchaseLimit | None:
+        """The item's own purchase limit, else the catalog-wide default."""
+        return item.limit if item.limit is not None else self.default_limit
+
+    def wire(self, item: ItemSpec, now: int) -> CatalogItem:
+        """An item as clients see it at ``now``: ``price`` is what to pay now."""
+        out = item.to_wire()
+        out.price, out.sale_ends_at = self.price_at(item, now)
+        limit = self.limit_for(item)
+        if limit is not None:
+            out.limit = LimitView(limit.count, limit.per_ms // 1000)
+        return out
+
+    def categories(self, game: str | None) -> list[tuple[str, int]]:
+        """Categories with their item counts (with ``game``: its items and the
+        platform-wide ones, as ``catalog`` lists them)."""
+        counts: dict[str, int] = {}
+        for item in self.items.values():
+            if game is None or item.game in (None, game):
+                counts[item.category] = counts.get(item.category, 0) + 1
+        return sorted(counts.items())
 
     def page(
         self, game: str | None, category: str | None, cursor: str | None, limit: int

@@ -21,7 +21,10 @@ __all__ = [
     "Change",
     "Credited",
     "Event",
+    "Expired",
+    "Line",
     "ProfileAdded",
+    "Renamed",
     "SlotCleared",
     "SlotFilled",
     "UsedUp",
@@ -42,14 +45,44 @@ class Credited(Event, tag="credit"):
     reason: str = ""
 
 
+class Line(Struct, array_like=True):
+    """Items granted by a purchase: quantity added, and the new expiry if the
+    item is time-limited (None: it does not expire)."""
+
+    sku: str
+    quantity: int
+    expires_at: int | None = None
+
+
 class Bought(Event, tag="buy"):
-    """Gems debited and items granted, together (PROTOCOL.md §3)."""
+    """Gems debited and items granted, together (PROTOCOL.md §3 and §10).
+
+    ``grants`` lists what the user receives (the item itself, or a bundle's
+    contents: a bundle is never held); ``gems`` are a bundle's gems.
+    ``track`` > 0 records the purchase time for a per-user purchase limit,
+    keeping that many of the latest times.  Older records with no ``grants``
+    granted ``quantity`` of ``sku`` itself.
+    """
 
     purchase: str
     sku: str
     quantity: int
     total: int
     expires_at: int | None = None
+    grants: list[Line] | None = None
+    gems: int = 0
+    track: int = 0
+
+
+class Expired(Event, tag="expire"):
+    """A time-limited item reached its expiry and left the inventory."""
+
+    sku: str
+
+
+class Renamed(Event, tag="rename"):
+    profile: str
+    name: str
 
 
 class UsedUp(Event, tag="use"):
@@ -73,7 +106,7 @@ class SlotCleared(Event, tag="unequip"):
     slot: str
 
 
-AnyEvent = Credited | Bought | UsedUp | ProfileAdded | SlotFilled | SlotCleared
+AnyEvent = Credited | Bought | UsedUp | ProfileAdded | SlotFilled | SlotCleared | Expired | Renamed
 
 
 class Change(Struct, array_like=True):

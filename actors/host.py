@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections import OrderedDict
@@ -25,7 +26,17 @@ import redis.asyncio as aioredis
 from actors.catalog import Catalog
 from actors.catalog_source import load_live_catalog
 from actors.events import Change, decode_change, encode_change
-from actors.user import Mutation, Outcome, UserState, handle, new_user, scoped_key
+from actors.user import (
+    Mutation,
+    Outcome,
+    UserState,
+    expire_due,
+    handle,
+    new_user,
+    next_expiry,
+    scoped_key,
+)
+from actors.user import pushes as user_pushes
 from persistence import store
 from persistence.journal import Journal, JournalError, JournalRecord, LedgerRow, UserRow
 from protocol.errors import ErrorCode, RequestError
@@ -36,6 +47,7 @@ from protocol.messages import (
     Inspect,
     LedgerEntry,
     Reply,
+    ServerMessage,
     State,
 )
 
@@ -81,6 +93,10 @@ class ShardHost:
         self.catalog = Catalog.empty()
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._last_used: dict[str, float] = {}
+        #: (expires_at ms, user): when a resident or passivated user's next
+        #: time-limited item is due.  Stale entries are harmless.
+        self._expiries: list[tuple[int, str]] = []
+        self._expiry_wake = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
         self._redis: aioredis.Redis | None = None
         self._journal: Journal | None = None
@@ -114,6 +130,7 @@ class ShardHost:
         self._tasks = [
             loop.create_task(self._publish_pushes(), name="pushes"),
             loop.create_task(self._passivate_idle(), name="passivation"),
+            loop.create_task(self._expire_on_time(), name="expiry"),
         ]
         log.info(
             "shard %d started with epoch %d, catalog v%d", s.shard, self.epoch, self.catalog.version
@@ -172,17 +189,11 @@ class ShardHost:
         for user_id, request in batch:
             replies.append(self._apply_one(user_id, request, now, records, pushes))
         try:
-            await self._journal.write(records)
+            await self._journal_and_push(records, pushes)
         except JournalError as exc:
             message = "the change could not be made durable; nothing was applied; retry"
             log.warning("batch of %d failed: %s", len(batch), exc)
             return [self._error(r.rid, ErrorCode.UNAVAILABLE, message) for _, r in batch]
-        if pushes and self._pushes is not None:
-            try:
-                self._pushes.put_nowait(pushes)
-            except asyncio.QueueFull:
-                self.dropped_pushes += len(pushes)
-                log.warning("push queue full: dropped %d pushes", len(pushes))
         out: list[bytes] = []
         for (user_id, _), reply in zip(batch, replies, strict=True):
             if isinstance(reply, _HistoryPage):
@@ -203,6 +214,7 @@ class ShardHost:
             return self._error(request.rid, ErrorCode.UNAVAILABLE, "please retry")
         self.users.move_to_end(user_id)
         self._last_used[user_id] = time.monotonic()
+        self._expire(user_id, state, now, records, pushes)
         try:
             match request:
                 case State() | Inspect():
@@ -220,10 +232,78 @@ class ShardHost:
             self.users.pop(user_id, None)
             return self._error(request.rid, ErrorCode.INTERNAL, "internal error")
         if outcome.change is not None:
-            records.append(self._record(user_id, outcome.change))
-            channel = user_channel(user_id)
-            pushes.extend((channel, self._encoder.encode(p)) for p in outcome.pushes)
+            self._changed(user_id, state, outcome.change, outcome.pushes, records, pushes)
         return outcome.reply
+
+    def _changed(
+        self,
+        user_id: str,
+        state: UserState,
+        change: Change,
+        messages: list[ServerMessage],
+        records: list[JournalRecord],
+        pushes: list[tuple[str, bytes]],
+    ) -> None:
+        records.append(self._record(user_id, change))
+        channel = user_channel(user_id)
+        pushes.extend((channel, self._encoder.encode(p)) for p in messages)
+        when = next_expiry(state)
+        if when is not None:
+            heapq.heappush(self._expiries, (when, user_id))
+            self._expiry_wake.set()
+
+    def _expire(
+        self,
+        user_id: str,
+        state: UserState,
+        now: int,
+        records: list[JournalRecord],
+        pushes: list[tuple[str, bytes]],
+    ) -> None:
+        """Time-limited items whose expiry has come leave first (PROTOCOL.md §10)."""
+        change = expire_due(state, now)
+        if change is not None:
+            self._changed(user_id, state, change, user_pushes(state, change), records, pushes)
+
+    async def _expire_on_time(self) -> None:
+        """Expire items at their time, without waiting for a request: the user
+        is activated if needed, the removal journaled and pushed."""
+        while True:
+            self._expiry_wake.clear()
+            now = _now_ms()
+            due: set[str] = set()
+            while self._expiries and self._expiries[0][0] <= now:
+                due.add(heapq.heappop(self._expiries)[1])
+            if due:
+                try:
+                    await self._activate(due)
+                    records: list[JournalRecord] = []
+                    pushes: list[tuple[str, bytes]] = []
+                    for user_id in due:
+                        state = self.users.get(user_id)
+                        if state is not None:
+                            self._expire(user_id, state, _now_ms(), records, pushes)
+                    await self._journal_and_push(records, pushes)
+                except Exception as exc:  # retried: the items are still due
+                    log.warning("expiry of %d users failed: %r; retrying", len(due), exc)
+                    for user_id in due:
+                        heapq.heappush(self._expiries, (now + 1000, user_id))
+                continue
+            wait = (self._expiries[0][0] - now) / 1000 if self._expiries else 60.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._expiry_wake.wait(), min(wait, 60.0))
+
+    async def _journal_and_push(
+        self, records: list[JournalRecord], pushes: list[tuple[str, bytes]]
+    ) -> None:
+        assert self._journal is not None
+        await self._journal.write(records)
+        if pushes and self._pushes is not None:
+            try:
+                self._pushes.put_nowait(pushes)
+            except asyncio.QueueFull:
+                self.dropped_pushes += len(pushes)
+                log.warning("push queue full: dropped %d pushes", len(pushes))
 
     def _record(self, user_id: str, change: Change) -> JournalRecord:
         entry = change.ledger
@@ -275,7 +355,12 @@ class ShardHost:
                 for u in mine:
                     row = stored.get(u)
                     if row is not None:
-                        self.users[u] = UserState.restore(u, row.version, row.balance, row.state)
+                        state = UserState.restore(u, row.version, row.balance, row.state)
+                        self.users[u] = state
+                        when = next_expiry(state)
+                        if when is not None:
+                            heapq.heappush(self._expiries, (when, u))
+                            self._expiry_wake.set()
                         continue
                     state, change = new_user(u, self.settings.starting_balance, now)
                     self.users[u] = state

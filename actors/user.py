@@ -27,7 +27,10 @@ from actors.events import (
     Bought,
     Change,
     Credited,
+    Expired,
+    Line,
     ProfileAdded,
+    Renamed,
     SlotCleared,
     SlotFilled,
     UsedUp,
@@ -49,9 +52,11 @@ from protocol.messages import (
     LedgerEntry,
     LoadoutPush,
     ProfileCreated,
+    ProfileRenamed,
     ProfileView,
     Purchase,
     Purchased,
+    RenameProfile,
     Reply,
     ServerMessage,
     ServerReply,
@@ -85,7 +90,7 @@ KEYS_IN_MEMORY = 256
 LEDGER_IN_MEMORY = 200
 MAIN_PROFILE = "main"
 
-Mutation = Purchase | Consume | CreateProfile | Equip | Unequip | Grant
+Mutation = Purchase | Consume | CreateProfile | Equip | Unequip | Grant | RenameProfile
 
 
 class Holding(Struct):
@@ -103,6 +108,7 @@ class Snapshot(Struct, array_like=True):
 
     inventory: dict[str, Holding]
     profiles: dict[str, Profile]
+    recent: dict[str, list[int]] = {}
 
 
 @dataclass(eq=False)
@@ -112,6 +118,8 @@ class UserState:
     balance: int = 0
     inventory: dict[str, Holding] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=dict)
+    #: Times (ms) of the latest purchases of items with a purchase limit.
+    recent: dict[str, list[int]] = field(default_factory=dict)
     #: Recent idempotency records: key -> (fingerprint, reply without rid).
     keys: OrderedDict[str, tuple[bytes, ServerReply]] = field(default_factory=OrderedDict)
     #: True while ``keys`` holds every key this user ever used.
@@ -124,7 +132,7 @@ class UserState:
     _snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
 
     def snapshot(self) -> bytes:
-        return self._snapshot_encoder.encode(Snapshot(self.inventory, self.profiles))
+        return self._snapshot_encoder.encode(Snapshot(self.inventory, self.profiles, self.recent))
 
     @classmethod
     def restore(cls, user_id: str, version: int, balance: int, snapshot: bytes) -> UserState:
@@ -135,6 +143,7 @@ class UserState:
             balance,
             snap.inventory,
             snap.profiles,
+            snap.recent,
             keys_complete=False,
             ledger_complete=False,
         )
@@ -236,7 +245,7 @@ def _change(
 def _decide(state: UserState, request: Mutation, catalog: Catalog, now: int) -> list[AnyEvent]:
     match request:
         case Purchase():
-            return _decide_purchase(state, request, catalog)
+            return _decide_purchase(state, request, catalog, now)
         case Consume():
             item = catalog.lookup(request.sku)
             held = state.inventory.get(request.sku)
@@ -274,38 +283,121 @@ def _decide(state: UserState, request: Mutation, catalog: Catalog, now: int) -> 
             if state.balance + request.amount > MAX_GEMS:
                 raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the balance would exceed its cap")
             return [Credited(request.amount, "grant", request.reason)]
+        case RenameProfile():
+            return _decide_rename(state, request, catalog)
     raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
 
 
-def _decide_purchase(state: UserState, request: Purchase, catalog: Catalog) -> list[AnyEvent]:
-    # PROTOCOL.md §3, "Purchase", checked in this order.
+def _decide_rename(state: UserState, request: RenameProfile, catalog: Catalog) -> list[AnyEvent]:
+    """PROTOCOL.md §10: renaming uses up one consumable whose
+    ``metadata.effect`` is ``"rename"``, in the same change."""
+    _profile(state, request.profile)
+    if request.name != request.profile and request.name in state.profiles:
+        raise RequestError(ErrorCode.PROFILE_EXISTS, f"profile {request.name!r} exists")
+    cards = [
+        sku
+        for sku in sorted(state.inventory)
+        if (item := catalog.lookup(sku)) is not None
+        and item.kind is ItemKind.CONSUMABLE
+        and item.metadata.get("effect") == "rename"
+    ]
+    if not cards:
+        raise RequestError(ErrorCode.NOT_OWNED, "renaming a profile takes a name-change card")
+    card = cards[0]
+    remaining = state.inventory[card].quantity - 1
+    return [*_unequip_everywhere(state, card, remaining), UsedUp(card, 1),
+            Renamed(request.profile, request.name)]  # fmt: skip
+
+
+def expire_due(state: UserState, now: int) -> Change | None:
+    """The change that removes every item whose expiry has come (PROTOCOL.md
+    §10: expired items leave the inventory and every loadout), or None."""
+    due = sorted(
+        sku
+        for sku, h in state.inventory.items()
+        if h.expires_at is not None and h.expires_at <= now
+    )
+    if not due:
+        return None
+    events: list[AnyEvent] = []
+    for sku in due:
+        events += _unequip_everywhere(state, sku, 0)
+        events.append(Expired(sku))
+    change = _change(state, now, "expire", events, None)
+    evolve(state, change)
+    return change
+
+
+def next_expiry(state: UserState) -> int | None:
+    """When the user's next time-limited item expires (ms), if any."""
+    times = [h.expires_at for h in state.inventory.values() if h.expires_at is not None]
+    return min(times) if times else None
+
+
+def _decide_purchase(
+    state: UserState, request: Purchase, catalog: Catalog, now: int
+) -> list[AnyEvent]:
+    # PROTOCOL.md §3 "Purchase" and §10, checked in this order.
     item = catalog.items.get(request.sku)
     if item is None or item.status is not ItemStatus.ACTIVE:
         raise RequestError(ErrorCode.UNKNOWN_ITEM, f"{request.sku!r} is not for sale")
-    if request.price != item.price:
-        raise RequestError(
-            ErrorCode.PRICE_CHANGED, f"the price of {request.sku!r} is now {item.price}"
-        )
-    held = state.inventory.get(request.sku)
-    held_quantity = held.quantity if held else 0
-    if not item.stackable and (request.quantity != 1 or held_quantity):
+    price, _ = catalog.price_at(item, now)
+    if request.price != price:
+        raise RequestError(ErrorCode.PRICE_CHANGED, f"the price of {request.sku!r} is now {price}")
+    if item.bundle is None and not item.stackable and request.quantity != 1:
         raise RequestError(
             ErrorCode.LIMIT_EXCEEDED, f"{request.sku!r} is held once and bought one at a time"
         )
-    cap = item.limit if item.limit is not None else MAX_HELD
-    if held_quantity + request.quantity > cap:
-        raise RequestError(
-            ErrorCode.LIMIT_EXCEEDED, f"you may hold at most {cap} of {request.sku!r}"
-        )
-    if held is None and len(state.inventory) >= MAX_INVENTORY_ENTRIES:
-        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the inventory is full")
-    total = item.price * request.quantity
+    lines = (
+        [(line.sku, line.quantity * request.quantity) for line in item.bundle]
+        if item.bundle is not None
+        else [(item.sku, request.quantity)]
+    )
+    grants = [_grant_line(state, catalog, sku, quantity, now) for sku, quantity in lines]
+    limit = catalog.limit_for(item)
+    if limit is not None:
+        times = [t for t in state.recent.get(item.sku, ()) if t > now - limit.per_ms]
+        if len(times) >= limit.count:
+            wait = times[-limit.count] + limit.per_ms - now
+            raise RequestError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"at most {limit.count} of {request.sku!r} per {limit.per}",
+                retry_after_ms=max(1, wait),
+            )
+    total = price * request.quantity
     if total > state.balance:
         raise RequestError(
             ErrorCode.INSUFFICIENT_FUNDS, f"{total} gems needed, {state.balance} held"
         )
+    gems = item.bundle_gems * request.quantity
+    if state.balance - total + gems > MAX_GEMS:
+        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the balance would exceed its cap")
     purchase = purchase_id(state.user_id, state.version + 1)
-    return [Bought(purchase, request.sku, request.quantity, total)]
+    track = limit.count if limit is not None else 0
+    return [Bought(purchase, item.sku, request.quantity, total, None, grants, gems, track)]
+
+
+def _grant_line(state: UserState, catalog: Catalog, sku: str, quantity: int, now: int) -> Line:
+    """What granting ``quantity`` of ``sku`` adds, after the holding limits."""
+    item = catalog.lookup(sku)
+    assert item is not None, sku  # bundles are checked against their catalog
+    held = state.inventory.get(sku)
+    held_quantity = held.quantity if held else 0
+    duration = item.duration_ms
+    if not item.stackable and held_quantity:
+        if duration is None or held is None or held.expires_at is None:
+            raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"you already hold {sku!r}")
+        quantity = 0  # held once: buying again only extends the expiry
+    cap = item.hold_cap if item.hold_cap is not None else MAX_HELD
+    if held_quantity + quantity > cap:
+        raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"you may hold at most {cap} of {sku!r}")
+    if held is None and len(state.inventory) >= MAX_INVENTORY_ENTRIES:
+        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the inventory is full")
+    expires_at = None
+    if duration is not None:  # buying again extends the expiry (PROTOCOL.md §10)
+        current = held.expires_at if held is not None and held.expires_at else now
+        expires_at = max(current, now) + duration
+    return Line(sku, quantity, expires_at)
 
 
 def _decide_equip(state: UserState, request: Equip, catalog: Catalog) -> list[AnyEvent]:
@@ -369,14 +461,29 @@ def evolve(state: UserState, change: Change) -> None:
                     seq=change.version, at=change.at, kind=kind, amount=amount,
                     balance=state.balance, key=client_key,
                 )  # fmt: skip
-            case Bought(sku=sku, quantity=quantity, total=total, expires_at=expires_at):
-                state.balance -= total
-                held = state.inventory.setdefault(sku, Holding(0, expires_at))
-                held.quantity += quantity
+            case Bought(sku=sku, quantity=quantity, total=total):
+                grants = event.grants
+                if grants is None:  # the record format before bundles
+                    grants = [Line(sku, quantity, event.expires_at)]
+                state.balance += event.gems - total
+                for line in grants:
+                    held = state.inventory.setdefault(line.sku, Holding(0, line.expires_at))
+                    held.quantity += line.quantity
+                    held.expires_at = line.expires_at
+                if event.track:
+                    times = state.recent.setdefault(sku, [])
+                    times.append(change.at)
+                    del times[: -event.track]
                 ledger = LedgerEntry(
-                    seq=change.version, at=change.at, kind="purchase", amount=-total,
+                    seq=change.version, at=change.at, kind="purchase", amount=event.gems - total,
                     balance=state.balance, sku=sku, quantity=quantity, key=client_key,
                 )  # fmt: skip
+            case Expired(sku=sku):
+                del state.inventory[sku]
+            case Renamed(profile=old, name=new):
+                state.profiles = {
+                    (new if name == old else name): p for name, p in state.profiles.items()
+                }
             case UsedUp(sku=sku, quantity=quantity):
                 held = state.inventory[sku]
                 held.quantity -= quantity
@@ -417,6 +524,8 @@ def _reply(state: UserState, request: Mutation, change: Change | None) -> Server
             return Unequipped(profile=request.profile, slot=request.slot, version=version)
         case Grant():
             return Granted(user=state.user_id, balance=state.balance, version=version)
+        case RenameProfile():
+            return ProfileRenamed(profile=request.name, version=version)
     raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
 
 
@@ -426,21 +535,30 @@ def pushes(state: UserState, change: Change) -> list[ServerMessage]:
     items: dict[str, InventoryEntry] = {}
     money = False
     profiles: set[str] = set()
+    renamed: dict[str, str] = {}
+    skus: list[str] = []
     for event in change.events:
         match event:
             case Credited():
                 money = True
-            case Bought(sku=sku) | UsedUp(sku=sku):
-                money = money or isinstance(event, Bought)
-                held = state.inventory.get(sku)
-                items[sku] = InventoryEntry(
-                    sku, held.quantity if held else 0, held.expires_at if held else None
-                )
+            case Bought(sku=sku, grants=grants):
+                money = True
+                skus += [line.sku for line in grants] if grants is not None else [sku]
+            case UsedUp(sku=sku) | Expired(sku=sku):
+                skus.append(sku)
             case ProfileAdded(profile=name) | SlotFilled(profile=name) | SlotCleared(profile=name):
                 profiles.add(name)
+            case Renamed(profile=old, name=new):
+                renamed[old] = new
+                profiles.add(old)
+    for sku in skus:
+        held = state.inventory.get(sku)
+        items[sku] = InventoryEntry(
+            sku, held.quantity if held else 0, held.expires_at if held else None
+        )
     if money or items:
         out.append(InventoryPush(state.version, state.balance, list(items.values())))
-    for name in profiles:
+    for name in sorted({renamed.get(n, n) for n in profiles}):
         profile = state.profiles[name]
         out.append(LoadoutPush(state.version, name, profile.game, dict(profile.equipped)))
     return out

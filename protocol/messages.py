@@ -19,10 +19,14 @@ __all__ = [
     "MAX_GEMS",
     "MAX_QUANTITY",
     "PROTOCOL_VERSION",
+    "BundleEntry",
     "Catalog",
     "CatalogChanged",
     "CatalogItem",
     "CatalogReply",
+    "Categories",
+    "CategoriesReply",
+    "CategoryCount",
     "ClientMessage",
     "Consume",
     "Consumed",
@@ -41,11 +45,14 @@ __all__ = [
     "ItemKind",
     "ItemStatus",
     "LedgerEntry",
+    "LimitView",
     "LoadoutPush",
     "ProfileCreated",
+    "ProfileRenamed",
     "ProfileView",
     "Purchase",
     "Purchased",
+    "RenameProfile",
     "Reply",
     "Role",
     "ServerMessage",
@@ -171,6 +178,16 @@ class Inspect(Request, tag="inspect"):
     user: UserId
 
 
+class Categories(Request, tag="categories"):
+    game: GameCode | None = None
+
+
+class RenameProfile(Request, tag="rename_profile"):
+    key: Key
+    profile: ProfileName
+    name: ProfileName
+
+
 ClientMessage = (
     State
     | Catalog
@@ -182,10 +199,12 @@ ClientMessage = (
     | History
     | Grant
     | Inspect
+    | Categories
+    | RenameProfile
 )
 
 #: Requests that change a user and so go through the user's shard journal.
-MUTATIONS = (Purchase, Consume, CreateProfile, Equip, Unequip, Grant)
+MUTATIONS = (Purchase, Consume, CreateProfile, Equip, Unequip, Grant, RenameProfile)
 #: Requests only an admin token may make.
 ADMIN_REQUESTS = (Grant,)
 #: Requests that name a user explicitly; a player may not make them.
@@ -218,6 +237,16 @@ class ProfileView(Struct):
     equipped: dict[str, str]
 
 
+class BundleEntry(Struct):
+    sku: str
+    quantity: int
+
+
+class LimitView(Struct):
+    count: int
+    per_seconds: int
+
+
 class CatalogItem(Struct, kw_only=True):
     sku: str
     name: str
@@ -231,6 +260,19 @@ class CatalogItem(Struct, kw_only=True):
     max_quantity: int | None
     status: ItemStatus
     metadata: dict[str, Any]
+    # Store extensions (PROTOCOL.md §10); ``price`` is always the price now.
+    base_price: int = 0
+    sale_ends_at: int | None = None
+    stock_left: int | None = None
+    bundle: list[BundleEntry] | None = None
+    bundle_gems: int = 0
+    limit: LimitView | None = None
+    duration_seconds: int | None = None
+
+
+class CategoryCount(Struct):
+    category: str
+    count: int
 
 
 class LedgerEntry(Struct, kw_only=True):
@@ -304,6 +346,15 @@ class HistoryReply(Reply, tag="history"):
     next: int | None
 
 
+class CategoriesReply(Reply, tag="categories"):
+    items: list[CategoryCount]
+
+
+class ProfileRenamed(Reply, tag="profile_renamed"):
+    profile: str
+    version: int
+
+
 class Granted(Reply, tag="granted"):
     user: str
     balance: int
@@ -343,6 +394,8 @@ ServerReply = (
     | Unequipped
     | HistoryReply
     | Granted
+    | CategoriesReply
+    | ProfileRenamed
     | Error
 )
 Push = InventoryPush | LoadoutPush | CatalogChanged

@@ -35,6 +35,9 @@ from protocol.messages import (
     PROTOCOL_VERSION,
     CatalogChanged,
     CatalogReply,
+    Categories,
+    CategoriesReply,
+    CategoryCount,
     ClientMessage,
     Grant,
     Inspect,
@@ -313,6 +316,13 @@ class Gateway:
         match request:
             case CatalogRequest():
                 return self._answer_catalog(client, request)
+            case Categories():
+                counts = self._catalog().categories(request.game)
+                reply = CategoriesReply(
+                    rid=request.rid, items=[CategoryCount(c, n) for c, n in counts]
+                )
+                self.metrics.requests.labels("categories", "ok").inc()
+                return self._reply_now(client, client.codec.encode(reply))
             case Grant() if identity.role is not Role.ADMIN:
                 return self._refuse(client, request.rid, _forbidden("grant"), "grant")
             case Inspect() if identity.role is Role.PLAYER:
@@ -351,8 +361,12 @@ class Gateway:
         except ValueError as exc:
             error = RequestError(ErrorCode.BAD_REQUEST, str(exc))
             return self._refuse(client, request.rid, error, "catalog")
+        now = time.time_ns() // 1_000_000
         reply = CatalogReply(
-            rid=request.rid, version=catalog.version, items=[i.to_wire() for i in items], next=after
+            rid=request.rid,
+            version=catalog.version,
+            items=[catalog.wire(i, now) for i in items],
+            next=after,
         )
         self.metrics.requests.labels("catalog", "ok").inc()
         self._reply_now(client, client.codec.encode(reply))

@@ -15,6 +15,7 @@ from actors.events import (
     Bought,
     Change,
     Credited,
+    Line,
     ProfileAdded,
     SlotCleared,
     SlotFilled,
@@ -200,7 +201,9 @@ def test_purchase_debits_grants_and_ledgers_together() -> None:
     assert (state.version, state.balance) == (2, 940)
     assert state.inventory == {LIFE: Holding(3)}
     assert change.version == 2 and change.kind == "purchase" and change.key == "p:k1"
-    assert change.events == [Bought(outcome.reply.purchase, LIFE, 3, 60)]
+    assert change.events == [
+        Bought(outcome.reply.purchase, LIFE, 3, 60, None, [Line(LIFE, 3, None)])
+    ]
     assert change.ledger == LedgerEntry(
         seq=2, at=NOW, kind="purchase", amount=-60, balance=940, sku=LIFE, quantity=3, key="k1"
     )

@@ -122,6 +122,10 @@ SKUS = [
     "plat.vault.key",
     "br.glider.phoenix",
     "br.rifle.legacy",
+    "br.bundle.starter",
+    "br.emote.dance",
+    "br.skin.ghost.trial",
+    "plat.chest.daily",
     "no.such.sku",
 ]
 assert sorted(SKUS) == sorted([*CATALOGS[0].items, "no.such.sku"])
@@ -134,7 +138,7 @@ KEYS = [f"k{i}" for i in range(30)]
 def limit_of(sku: str) -> int | None:
     item = CATALOGS[0].lookup(sku)
     assert item is not None
-    return item.limit
+    return item.hold_cap
 
 
 # --------------------------------------------------------------------------- operations
@@ -465,9 +469,10 @@ def check_pushes(state: UserState, change: Change, pushes: list[ServerMessage]) 
         match event:
             case Credited():
                 money = True
-            case Bought(sku=sku):
+            case Bought(sku=sku, grants=lines):
                 money = True
-                skus.add(sku)
+                # A bundle is never held: its contents are what changed.
+                skus.update([line.sku for line in lines] if lines is not None else [sku])
             case UsedUp(sku=sku):
                 skus.add(sku)
             case ProfileAdded(profile=name) | SlotFilled(profile=name) | SlotCleared(profile=name):

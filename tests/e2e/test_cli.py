@@ -70,7 +70,7 @@ async def test_catalog_load_publishes_live(fresh_server: ServerProcess, tmp_path
         assert new["type"] == "purchased" and new["total"] == 450
 
         bad = tmp_path / "bad.toml"
-        bad.write_text(text.replace("price = 10\n", 'price = "ten"\n'))
+        bad.write_text(text.replace('price = 10\nslot = "hat"', 'price = "ten"\nslot = "hat"'))
         refused = server.cli("catalog", "load", str(bad))
         assert refused.returncode != 0
         assert "br.hat.new" in refused.stderr and "price" in refused.stderr

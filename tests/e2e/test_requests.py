@@ -53,6 +53,13 @@ async def test_catalog_filters_and_paging(server: ServerProcess, binary: bool) -
             "max_quantity": 1,
             "status": "active",
             "metadata": {"rarity": "legendary", "weapon_type": "rifle"},
+            "base_price": 500,
+            "sale_ends_at": None,
+            "stock_left": None,
+            "bundle": None,
+            "bundle_gems": 0,
+            "limit": None,
+            "duration_seconds": None,
         }
         br = await c.request({"type": "catalog", "game": "br", "limit": 200})
         games = {i["game"] for i in br["items"]}
