@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protocol.messages import Role
 from server.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from actors.catalog import Catalog
+    from protocol.messages import CatalogItem
 
 __all__ = ["main"]
 
@@ -36,12 +45,16 @@ def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _publish(settings: Settings, text: str, source: str) -> int:
-    import asyncpg
-    import redis.asyncio as aioredis
+@contextlib.asynccontextmanager
+async def _catalog_database(settings: Settings) -> AsyncIterator[tuple[asyncpg.Pool, str | None]]:
+    """A one-connection pool on the catalog's database, and the Redis URL of a
+    server to notify (None when there is none to notify).
 
-    from actors.catalog_source import publish_catalog_text
-    from actors.host import catalog_channel
+    The database is ``LOADOUT_DATABASE_URL``, else the running server's (its
+    services file), else the data directory's embedded PostgreSQL, started
+    for as long as the caller needs it."""
+    import asyncpg
+
     from persistence.embedded import EmbeddedPostgres
     from persistence.schema import migrate
     from server.app import read_services
@@ -62,13 +75,23 @@ async def _publish(settings: Settings, text: str, source: str) -> int:
             pool = await asyncpg.create_pool(started.start(), min_size=1, max_size=1)
             redis_url = None
         await migrate(pool)
-        version = await publish_catalog_text(pool, text, source)
-        assert version is not None
+        yield pool, redis_url
     finally:
         if pool is not None:
             await pool.close()
         if started is not None:
             started.stop()
+
+
+async def _publish(settings: Settings, text: str, source: str) -> int:
+    import redis.asyncio as aioredis
+
+    from actors.catalog_source import publish_catalog_text
+    from actors.host import catalog_channel
+
+    async with _catalog_database(settings) as (pool, redis_url):
+        version = await publish_catalog_text(pool, text, source)
+        assert version is not None
     print(f"published catalog version {version}")
     if redis_url:
         client = aioredis.from_url(redis_url)
@@ -95,6 +118,92 @@ def _cmd_catalog_load(settings: Settings, args: argparse.Namespace) -> int:
         print(f"loadout catalog load: {path}: {exc}; nothing was published", file=sys.stderr)
         return 1
     return asyncio.run(_publish(settings, text, str(path.name)))
+
+
+async def _live_catalog(settings: Settings) -> Catalog:
+    from actors.catalog_source import load_live_catalog
+
+    async with _catalog_database(settings) as (pool, _):
+        return await load_live_catalog(pool)
+
+
+def _cmd_catalog_show(settings: Settings, args: argparse.Namespace) -> int:
+    import msgspec
+
+    catalog = asyncio.run(_live_catalog(settings))
+    if catalog.version == 0:
+        print("loadout catalog show: no catalog has been published", file=sys.stderr)
+        return 1
+    if args.game is not None and args.game not in catalog.games:
+        print(
+            f"loadout catalog show: no game {args.game!r} in catalog version {catalog.version}",
+            file=sys.stderr,
+        )
+        return 1
+    now = time.time_ns() // 1_000_000
+    # As the ``catalog`` request lists them: with a game, its items and the
+    # platform-wide ones (PROTOCOL.md §3).
+    items = [
+        catalog.wire(item, now)
+        for sku, item in sorted(catalog.items.items())
+        if args.game is None or item.game in (None, args.game)
+    ]
+    if args.json:
+        print(msgspec.json.encode({"version": catalog.version, "items": items}).decode())
+    else:
+        _print_catalog_table(catalog.version, args.game, items)
+    return 0
+
+
+def _print_catalog_table(version: int, game: str | None, items: list[CatalogItem]) -> None:
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    def when(ms: int | None) -> str:
+        return "" if ms is None else f"{datetime.fromtimestamp(ms / 1000, UTC):%Y-%m-%d %H:%MZ}"
+
+    title = f"catalog version {version}" + (f", game {game}" if game else "")
+    table = Table(title=title, title_justify="left")
+    for column in ("sku", "name", "game", "category", "kind"):
+        table.add_column(column, no_wrap=column == "sku")
+    for column in ("price now", "base price"):
+        table.add_column(column, justify="right")
+    for column in ("sale ends", "bundle", "limit", "duration", "status"):
+        table.add_column(column)
+    for item in items:
+        bundle = ""
+        if item.bundle is not None:
+            bundle = ", ".join(f"{line.quantity} x {line.sku}" for line in item.bundle)
+            if item.bundle_gems:
+                bundle += f", {item.bundle_gems} gems"
+        limit = item.limit
+        table.add_row(
+            item.sku,
+            item.name,
+            item.game or "(all)",
+            item.category,
+            item.kind.value,
+            str(item.price),
+            str(item.base_price),
+            when(item.sale_ends_at),
+            bundle,
+            f"{limit.count} per {_duration_text(limit.per_seconds)}" if limit else "",
+            _duration_text(item.duration_seconds) if item.duration_seconds else "",
+            item.status.value,
+        )
+    # Wide when piped, so that scripts and logs get whole lines.
+    console = Console(width=None if sys.stdout.isatty() else 250, highlight=False)
+    console.print(table)
+
+
+def _duration_text(seconds: int) -> str:
+    """A catalog duration back in the file's words: 86400 -> "1d"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 async def _grant(settings: Settings, args: argparse.Namespace) -> int:
@@ -152,6 +261,10 @@ def _parser() -> argparse.ArgumentParser:
     load = catalog_commands.add_parser("load", help="validate and publish a catalog file")
     load.add_argument("file")
     load.set_defaults(run=_cmd_catalog_load)
+    show = catalog_commands.add_parser("show", help="print the live catalog")
+    show.add_argument("--game", help="only this game's items and the platform-wide ones")
+    show.add_argument("--json", action="store_true", help="the items as clients see them now")
+    show.set_defaults(run=_cmd_catalog_show)
     grant = commands.add_parser("grant", help="grant gems through the running server")
     grant.add_argument("user")
     grant.add_argument("amount", type=int)
