@@ -90,7 +90,7 @@ class WorkerResult:
     unanswered: int = 0
     missing_pushes: int = 0
     setup_errors: list[str] = field(default_factory=list)
-    timeline: Counter[int] = field(default_factory=Counter)  # second -> ok replies
+    timeline: Counter[int] = field(default_factory=Counter)  # second -> ok replies arrived
     measured_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,11 +205,12 @@ class _Run:
         self.progress += 1
         result = self.result
         ok = message.type != "error"
+        if ok and self.measure_from <= now:  # by arrival time, whenever it was sent
+            result.timeline[int(now - self.measure_from)] += 1
         if self.measured(scheduled):
             if ok:
                 result.ok[kind] += 1
                 result.latencies[kind].append((now - scheduled) * 1000)
-                result.timeline[int(now - self.measure_from)] += 1
             else:
                 result.errors[f"{kind}:{message.code}"] += 1
         if ok and kind == "purchase" and user in self.watched and message.version is not None:

@@ -71,6 +71,12 @@ def merge(
         "throughput": {
             "requests_per_s": round(all_ok / seconds, 1),
             "purchases_per_s": round(ok["purchase"] / seconds, 1),
+            # Replies that arrived inside the window: below the two above when
+            # an open loop offers more than the server completes (the rest
+            # arrive during the drain, and their latency shows the backlog).
+            "completed_in_window_per_s": round(
+                sum(timeline.get(i, 0) for i in range(int(seconds))) / int(seconds or 1), 1
+            ),
         },
         "requests": {
             kind: {**_summary(latencies.get(kind, [])), "per_s": round(ok[kind] / seconds, 1)}
