@@ -36,6 +36,7 @@ __all__ = [
     "CatalogFileError",
     "GameSpec",
     "ItemSpec",
+    "PromoSpec",
     "demo_catalog_text",
     "parse_catalog",
 ]
@@ -74,6 +75,21 @@ class PurchaseLimit(Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def per_ms(self) -> int:
         return duration_seconds(self.per) * 1000
+
+
+class PromoSpec(Struct, forbid_unknown_fields=True):
+    """A promo code: gems and items, at most ``max_uses`` in total and once
+    per user, until ``expires_at``."""
+
+    code: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+\Z")]
+    max_uses: Annotated[int, Meta(ge=1, le=2**31 - 1)]
+    gems: Gems = 0
+    items: list[BundleLine] = []
+    expires_at: datetime | None = None
+
+    @property
+    def expires_ms(self) -> int | None:
+        return None if self.expires_at is None else _ms(self.expires_at)
 
 
 class Defaults(Struct, frozen=True, forbid_unknown_fields=True):
@@ -126,6 +142,8 @@ class ItemSpec(Struct, kw_only=True, forbid_unknown_fields=True):
     limit: PurchaseLimit | None = None
     #: Granted items expire this long after purchase; buying again extends it.
     duration: Duration | None = None
+    #: Limited: never sold more than this many times in total (all users).
+    stock: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = None
 
     @property
     def hold_cap(self) -> int | None:
@@ -173,9 +191,10 @@ class CatalogDocument(Struct, forbid_unknown_fields=True):
     items: list[ItemSpec] = []
     defaults: Defaults = Defaults()
     sales: list[Sale] = []
+    promos: list[PromoSpec] = []
 
 
-_PATH = re.compile(r"\$\.(games|items|sales)\[(\d+)\](?:\.(\w+))?")
+_PATH = re.compile(r"\$\.(games|items|sales|promos)\[(\d+)\](?:\.(\w+))?")
 
 
 def _locate(raw: dict[str, Any], path: str) -> str:
@@ -187,7 +206,7 @@ def _locate(raw: dict[str, Any], path: str) -> str:
     entries = raw.get(table)
     ident: Any = None
     if isinstance(entries, list) and index < len(entries) and isinstance(entries[index], dict):
-        ident = entries[index].get("code" if table == "games" else "sku")
+        ident = entries[index].get("code" if table in ("games", "promos") else "sku")
     where = f"{table[:-1]} {ident!r}" if isinstance(ident, str) else f"{table[:-1]} #{index + 1}"
     return f"{where}, field {fieldname!r}" if fieldname else where
 
@@ -218,6 +237,78 @@ def _check(doc: CatalogDocument) -> None:
             raise CatalogFileError(
                 f"{where}, field 'metadata': values must be plain data"
             ) from None
+    items = {item.sku: item for item in doc.items}
+    for item in doc.items:
+        if item.bundle is not None:
+            _check_bundle(item, items)
+        elif item.bundle_gems:
+            raise CatalogFileError(f"item {item.sku!r}, field 'bundle_gems': only for a bundle")
+    _check_sales(doc, items)
+    _check_promos(doc, items)
+
+
+def _check_bundle(item: ItemSpec, items: dict[str, ItemSpec]) -> None:
+    where = f"item {item.sku!r}, field 'bundle'"
+    if not item.bundle:
+        raise CatalogFileError(f"{where}: a bundle lists at least one item")
+    if item.slot is not None or item.kind is ItemKind.CONSUMABLE:
+        raise CatalogFileError(f"{where}: a bundle is never held: no slot, not a consumable")
+    if item.duration is not None:
+        raise CatalogFileError(f"{where}: give 'duration' to the items in the bundle instead")
+    seen: set[str] = set()
+    for line in item.bundle:
+        inner = items.get(line.sku)
+        if inner is None:
+            raise CatalogFileError(f"{where}: no item {line.sku!r} in this catalog")
+        if inner.bundle is not None or inner.stock is not None:
+            raise CatalogFileError(f"{where}: {line.sku!r} is itself a bundle or limited")
+        if line.sku in seen:
+            raise CatalogFileError(f"{where}: {line.sku!r} is listed twice")
+        seen.add(line.sku)
+        cap = inner.hold_cap
+        if cap is not None and line.quantity > cap:
+            raise CatalogFileError(
+                f"{where}: {line.quantity} of {line.sku!r} is more than a user may hold ({cap})"
+            )
+
+
+def _check_sales(doc: CatalogDocument, items: dict[str, ItemSpec]) -> None:
+    windows: dict[str, list[tuple[int, int]]] = {}
+    for number, sale in enumerate(doc.sales, start=1):
+        where = f"sale #{number} ({sale.sku!r})"
+        if sale.sku not in items:
+            raise CatalogFileError(f"{where}, field 'sku': no such item in this catalog")
+        for name, when in (("starts_at", sale.starts_at), ("ends_at", sale.ends_at)):
+            if when.tzinfo is None:
+                raise CatalogFileError(f"{where}, field {name!r}: give a time zone, e.g. ...Z")
+        start, end = sale.window_ms
+        if end <= start:
+            raise CatalogFileError(f"{where}, field 'ends_at': must be after starts_at")
+        for other_start, other_end in windows.get(sale.sku, []):
+            if start < other_end and other_start < end:
+                raise CatalogFileError(f"{where}: overlaps another sale of the same item")
+        windows.setdefault(sale.sku, []).append((start, end))
+
+
+def _check_promos(doc: CatalogDocument, items: dict[str, ItemSpec]) -> None:
+    codes: set[str] = set()
+    for promo in doc.promos:
+        where = f"promo {promo.code!r}"
+        if promo.code in codes:
+            raise CatalogFileError(f"{where}, field 'code': duplicate code")
+        codes.add(promo.code)
+        if not promo.items and not promo.gems:
+            raise CatalogFileError(f"{where}: a promo grants at least one item or some gems")
+        if promo.expires_at is not None and promo.expires_at.tzinfo is None:
+            raise CatalogFileError(f"{where}, field 'expires_at': give a time zone, e.g. ...Z")
+        for line in promo.items:
+            inner = items.get(line.sku)
+            if inner is None:
+                raise CatalogFileError(f"{where}, field 'items': no item {line.sku!r}")
+            if inner.bundle is not None or inner.stock is not None:
+                raise CatalogFileError(
+                    f"{where}, field 'items': {line.sku!r} is a bundle or limited item"
+                )
 
 
 def parse_catalog(text: str) -> CatalogDocument:
@@ -257,6 +348,7 @@ class Catalog:
     retired: dict[str, ItemSpec] = field(default_factory=dict)
     default_limit: PurchaseLimit | None = None
     sales: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
+    promos: dict[str, PromoSpec] = field(default_factory=dict)
     _sorted: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -278,6 +370,7 @@ class Catalog:
             gone,
             doc.defaults.limit,
             sales,
+            {p.code: p for p in doc.promos},
         )
 
     @classmethod
@@ -299,9 +392,11 @@ class Catalog:
         """The item's own purchase limit, else the catalog-wide default."""
         return item.limit if item.limit is not None else self.default_limit
 
-    def wire(self, item: ItemSpec, now: int) -> CatalogItem:
+    def wire(self, item: ItemSpec, now: int, stock_left: int | None = None) -> CatalogItem:
         """An item as clients see it at ``now``: ``price`` is what to pay now."""
         out = item.to_wire()
+        if item.stock is not None:
+            out.stock_left = item.stock if stock_left is None else max(0, stock_left)
         out.price, out.sale_ends_at = self.price_at(item, now)
         limit = self.limit_for(item)
         if limit is not None:

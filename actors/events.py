@@ -24,6 +24,7 @@ __all__ = [
     "Expired",
     "Line",
     "ProfileAdded",
+    "PromoRedeemed",
     "Renamed",
     "SlotCleared",
     "SlotFilled",
@@ -74,6 +75,14 @@ class Bought(Event, tag="buy"):
     track: int = 0
 
 
+class PromoRedeemed(Event, tag="promo"):
+    """A promo code's gems and items granted, once per user (PROTOCOL.md §10)."""
+
+    code: str
+    gems: int
+    grants: list[Line]
+
+
 class Expired(Event, tag="expire"):
     """A time-limited item reached its expiry and left the inventory."""
 
@@ -106,7 +115,17 @@ class SlotCleared(Event, tag="unequip"):
     slot: str
 
 
-AnyEvent = Credited | Bought | UsedUp | ProfileAdded | SlotFilled | SlotCleared | Expired | Renamed
+AnyEvent = (
+    Credited
+    | Bought
+    | UsedUp
+    | ProfileAdded
+    | SlotFilled
+    | SlotCleared
+    | Expired
+    | Renamed
+    | PromoRedeemed
+)
 
 
 class Change(Struct, array_like=True):

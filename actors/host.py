@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import heapq
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,8 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
+from actors import allowance as allowances
+from actors.allowance import AllowanceState, allowance_id, reservation_id
 from actors.catalog import Catalog
 from actors.catalog_source import load_live_catalog
 from actors.events import Change, decode_change, encode_change
@@ -34,6 +38,7 @@ from actors.user import (
     handle,
     new_user,
     next_expiry,
+    redeem_check,
     scoped_key,
 )
 from actors.user import pushes as user_pushes
@@ -46,6 +51,8 @@ from protocol.messages import (
     HistoryReply,
     Inspect,
     LedgerEntry,
+    Purchase,
+    Redeem,
     Reply,
     ServerMessage,
     State,
@@ -61,12 +68,27 @@ ShardRequest = Mutation | State | Inspect | History
 BatchItem = tuple[str, ShardRequest]
 
 
+def shard_index(entity_id: str, shards: int) -> int:
+    """The shard of a user or allowance: stable across processes."""
+    digest = hashlib.blake2b(entity_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
 def user_channel(user_id: str) -> str:
     return "loadout:user:" + user_id
 
 
 def catalog_channel() -> str:
     return "loadout:catalog"
+
+
+def stock_channel() -> str:
+    """Announces ``[sku, units left]`` (msgpack) when a limited item's stock moves."""
+    return "loadout:stock"
+
+
+#: Redis hash sku -> units left, for gateways that start after the last change.
+STOCK_LEFT_KEY = "loadout:stock-left"
 
 
 @dataclass(frozen=True)
@@ -80,6 +102,27 @@ class ShardSettings:
     flush_interval: float = 0.0
     pool_size: int = 4
     push_queue: int = 10_000
+    shards: int = 1
+
+
+#: One step of a saga on an allowance: (op, allowance id, reservation id,
+#: quantity, deadline ms, user, idempotency key); op is reserve|confirm|release.
+AllowanceOp = tuple[str, str, str, int, int, str, str]
+#: Calls a shard's ``apply_allowances`` (this one's, or a peer's through Ray).
+AllowanceCaller = Callable[[int, int, list[AllowanceOp]], Awaitable[list[bool]]]
+#: A purchase must be applied this soon after its unit was reserved...
+RESERVATION_MS = 10_000
+#: ...and a reservation left behind is settled only this long after that.
+SETTLE_AFTER_MS = 60_000
+
+_allowance_encoder = msgspec.msgpack.Encoder()
+_allowance_decoder = msgspec.msgpack.Decoder(AllowanceState)
+
+
+@dataclass
+class _Allowance:
+    version: int
+    state: AllowanceState
 
 
 def _now_ms() -> int:
@@ -87,9 +130,12 @@ def _now_ms() -> int:
 
 
 class ShardHost:
-    def __init__(self, settings: ShardSettings) -> None:
+    def __init__(self, settings: ShardSettings, call: AllowanceCaller | None = None) -> None:
         self.settings = settings
         self.users: OrderedDict[str, UserState] = OrderedDict()
+        #: Stock of limited items and uses of promo codes hosted here.
+        self.allowances: dict[str, _Allowance] = {}
+        self._call: AllowanceCaller = call or self._call_self
         self.catalog = Catalog.empty()
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._last_used: dict[str, float] = {}
@@ -131,6 +177,7 @@ class ShardHost:
             loop.create_task(self._publish_pushes(), name="pushes"),
             loop.create_task(self._passivate_idle(), name="passivation"),
             loop.create_task(self._expire_on_time(), name="expiry"),
+            loop.create_task(self._settle_left_behind(), name="settle"),
         ]
         log.info(
             "shard %d started with epoch %d, catalog v%d", s.shard, self.epoch, self.catalog.version
@@ -183,17 +230,34 @@ class ShardHost:
         await self._activate({user for user, _ in batch})
         await self._load_keys(batch)
         now = _now_ms()
+        reserved = await self._reserve(batch, now)
         replies: list[bytes | Reply | _HistoryPage] = []
         records: list[JournalRecord] = []
         pushes: list[tuple[str, bytes]] = []
-        for user_id, request in batch:
-            replies.append(self._apply_one(user_id, request, now, records, pushes))
+        settle: list[AllowanceOp] = []
+        for i, (user_id, request) in enumerate(batch):
+            op = reserved.get(i)
+            if op is None:
+                replies.append(self._apply_one(user_id, request, now, records, pushes))
+            elif op == "unavailable":
+                replies.append(self._error(request.rid, ErrorCode.UNAVAILABLE, "please retry"))
+            else:
+                granted = op[0] == "reserve"
+                reply = self._apply_one(user_id, request, now, records, pushes, granted)
+                replies.append(reply)
+                if granted:
+                    done = "confirm" if not isinstance(reply, bytes) else "release"
+                    settle.append((done, *op[1:]))
         try:
             await self._journal_and_push(records, pushes)
         except JournalError as exc:
             message = "the change could not be made durable; nothing was applied; retry"
             log.warning("batch of %d failed: %s", len(batch), exc)
+            # Reservations stay: whether the purchase committed is not known,
+            # so the sweeper settles them from the journal later.
             return [self._error(r.rid, ErrorCode.UNAVAILABLE, message) for _, r in batch]
+        if settle:
+            self._background(self._settle(settle))
         out: list[bytes] = []
         for (user_id, _), reply in zip(batch, replies, strict=True):
             if isinstance(reply, _HistoryPage):
@@ -208,6 +272,7 @@ class ShardHost:
         now: int,
         records: list[JournalRecord],
         pushes: list[tuple[str, bytes]],
+        allowance: bool | None = None,
     ) -> bytes | Reply | _HistoryPage:
         state = self.users.get(user_id)
         if state is None:  # dropped after a failed flush while this batch loaded
@@ -222,7 +287,7 @@ class ShardHost:
                 case History():
                     return self._history_from_memory(state, request)
                 case _:
-                    outcome: Outcome = handle(state, request, self.catalog, now)
+                    outcome: Outcome = handle(state, request, self.catalog, now, allowance)
         except RequestError as exc:
             return self._error(request.rid, exc.code, exc.message, exc.retry_after_ms)
         except Exception:
@@ -338,7 +403,7 @@ class ShardHost:
 
     async def _activate(self, user_ids: set[str]) -> None:
         """Make every user of a batch resident; load the missing ones in one query."""
-        missing = [u for u in user_ids if u not in self.users]
+        missing = [u for u in user_ids if u not in self.users and u not in self.allowances]
         if not missing:
             return
         mine = [u for u in missing if u not in self._loading]
@@ -354,6 +419,13 @@ class ShardHost:
                 now = _now_ms()
                 for u in mine:
                     row = stored.get(u)
+                    if ":" in u:  # an allowance (user ids have no ':')
+                        self.allowances[u] = (
+                            _Allowance(row.version, _allowance_decoder.decode(row.state))
+                            if row is not None
+                            else _Allowance(0, AllowanceState())
+                        )
+                        continue
                     if row is not None:
                         state = UserState.restore(u, row.version, row.balance, row.state)
                         self.users[u] = state
@@ -397,13 +469,18 @@ class ShardHost:
                 state.remember(key, change.fingerprint, change.reply)
 
     def _snapshot(self, user_id: str) -> UserRow:
+        held = self.allowances.get(user_id)
+        if held is not None:
+            return UserRow(held.version, 0, _allowance_encoder.encode(held.state))
         state = self.users[user_id]
         return UserRow(state.version, state.balance, state.snapshot())
 
     def _drop_users(self, user_ids: set[str]) -> None:
-        """After a failed flush: forget these users; they reload from what is durable."""
+        """After a failed flush: forget these users (and allowances); they
+        reload from what is durable."""
         for u in user_ids:
             self.users.pop(u, None)
+            self.allowances.pop(u, None)
             self._last_used.pop(u, None)
         log.warning("dropped %d users after a failed flush", len(user_ids))
 
@@ -431,6 +508,186 @@ class ShardHost:
         if dropped:
             log.info("passivated %d idle users; %d resident", dropped, len(self.users))
         return dropped
+
+    # ------------------------------------------------------------ allowances
+
+    def _background(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    def _needs_allowance(
+        self, user_id: str, request: ShardRequest, now: int
+    ) -> tuple[str, int] | None:
+        """The allowance a request must reserve before it is applied, if any."""
+        state = self.users.get(user_id)
+        if state is None or not isinstance(request, Purchase | Redeem):
+            return None
+        if "p:" + request.key in state.keys:
+            return None  # a replay: nothing to reserve
+        if isinstance(request, Redeem):
+            try:
+                redeem_check(state, request, self.catalog, now)
+            except RequestError:
+                return None  # refused by the user's own rules: no use reserved
+            return allowance_id("promo", request.code), 1
+        item = self.catalog.items.get(request.sku)
+        if item is None or item.stock is None:
+            return None
+        price, _ = self.catalog.price_at(item, now)
+        if price != request.price or price * request.quantity > state.balance:
+            return None  # refused anyway; reserve nothing
+        return allowance_id("stock", item.sku), request.quantity
+
+    async def _reserve(self, batch: list[BatchItem], now: int) -> dict[int, AllowanceOp | str]:
+        """Reserve stock units and promo uses for the batch's requests that need
+        them, one call per shard hosting them; the answer per batch index is
+        the reserve op (op[0] "reserve" if granted, "refused" if not) or
+        "unavailable" when the allowance's shard did not answer."""
+        wanted: dict[int, list[tuple[int, AllowanceOp]]] = {}
+        for i, (user_id, request) in enumerate(batch):
+            need = self._needs_allowance(user_id, request, now)
+            if need is None:
+                continue
+            entity, quantity = need
+            key = request.key  # type: ignore[union-attr]
+            op: AllowanceOp = ("reserve", entity, reservation_id(user_id, key), quantity,
+                               now + RESERVATION_MS, user_id, key)  # fmt: skip
+            wanted.setdefault(shard_index(entity, self.settings.shards), []).append((i, op))
+        out: dict[int, AllowanceOp | str] = {}
+        if not wanted:
+            return out
+
+        async def ask(shard: int, items: list[tuple[int, AllowanceOp]]) -> None:
+            try:
+                granted = await self._call(shard, self.catalog.version, [op for _, op in items])
+            except Exception as exc:
+                log.warning("allowance shard %d did not answer: %r", shard, exc)
+                for i, _ in items:
+                    out[i] = "unavailable"
+                return
+            for (i, op), ok in zip(items, granted, strict=True):
+                out[i] = op if ok else ("refused", *op[1:])
+
+        await asyncio.gather(*(ask(shard, items) for shard, items in wanted.items()))
+        return out
+
+    async def _settle(self, ops: list[AllowanceOp]) -> None:
+        """Confirm or release reservations; what fails here the sweeper settles."""
+        by_shard: dict[int, list[AllowanceOp]] = {}
+        for op in ops:
+            by_shard.setdefault(shard_index(op[1], self.settings.shards), []).append(op)
+        for shard, items in by_shard.items():
+            try:
+                await self._call(shard, self.catalog.version, items)
+            except Exception as exc:
+                log.warning(
+                    "could not settle %d reservations on shard %d: %r", len(items), shard, exc
+                )
+
+    async def _call_self(
+        self, shard: int, catalog_version: int, ops: list[AllowanceOp]
+    ) -> list[bool]:
+        return await self.apply_allowances(catalog_version, ops)
+
+    def _capacity(self, entity: str) -> int:
+        kind, _, name = entity.partition(":")
+        if kind == "stock":
+            item = self.catalog.lookup(name)
+            return item.stock if item is not None and item.stock is not None else 0
+        promo = self.catalog.promos.get(name)
+        return promo.max_uses if promo is not None else 0
+
+    async def apply_allowances(self, catalog_version: int, ops: list[AllowanceOp]) -> list[bool]:
+        """Apply saga steps to allowances hosted here; answer once durable.
+
+        Raises ``JournalError`` (the caller answers ``unavailable``) if the
+        steps could not be made durable."""
+        assert self._journal is not None and self._pool is not None
+        if self._journal.fenced:
+            raise JournalError("this shard has a newer owner")
+        if catalog_version > self.catalog.version:
+            self.catalog = await load_live_catalog(self._pool)
+        await self._activate({op[1] for op in ops})
+        now = _now_ms()
+        records: list[JournalRecord] = []
+        results: list[bool] = []
+        changed: set[str] = set()
+        for op, entity, res, quantity, deadline, user, key in ops:
+            held = self.allowances.get(entity)
+            if held is None:
+                results.append(False)
+                continue
+            if op == "reserve":
+                ok, moved = allowances.reserve(
+                    held.state, res, quantity, self._capacity(entity), deadline, user, key
+                )
+            elif op == "confirm":
+                ok = moved = allowances.confirm(held.state, res)
+            else:
+                ok = moved = allowances.release(held.state, res)
+            results.append(ok)
+            if moved:
+                held.version += 1
+                body = _allowance_encoder.encode((op, res, quantity, deadline, user, key))
+                records.append(
+                    JournalRecord(entity, held.version, now, "allowance." + op, None, body, None)
+                )
+                changed.add(entity)
+        await self._journal.write(records)
+        stocks = [e.partition(":")[2] for e in changed if e.startswith("stock:")]
+        if stocks:
+            self._background(self._announce_stock(stocks))
+        return results
+
+    async def _announce_stock(self, skus: list[str]) -> None:
+        assert self._redis is not None
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sku in skus:
+                    left = self.stock_left(sku)
+                    if left is not None:
+                        pipe.hset(STOCK_LEFT_KEY, sku, left)
+                        pipe.publish(stock_channel(), _allowance_encoder.encode((sku, left)))
+                await pipe.execute()
+        except Exception as exc:  # the catalog shows a stale count; sales are not affected
+            log.warning("could not announce stock of %s: %r", skus, exc)
+
+    def stock_left(self, sku: str) -> int | None:
+        held = self.allowances.get(allowance_id("stock", sku))
+        item = self.catalog.lookup(sku)
+        if item is None or item.stock is None:
+            return None
+        return item.stock if held is None else allowances.left(held.state, item.stock)
+
+    async def _settle_left_behind(self) -> None:
+        """Settle reservations a crash left behind, well after their deadline:
+        confirm if the user's journal has the purchase, release if not."""
+        while True:
+            await asyncio.sleep(5)
+            now = _now_ms()
+            stale = [
+                (entity, res, r)
+                for entity, held in list(self.allowances.items())
+                for res, r in held.state.reservations.items()
+                if r.deadline + SETTLE_AFTER_MS < now
+            ]
+            if not stale:
+                continue
+            try:
+                assert self._pool is not None
+                found = await store.load_changes_by_key(
+                    self._pool, [(r.user, "p:" + r.key) for _, _, r in stale]
+                )
+                ops: list[AllowanceOp] = [
+                    ("confirm" if (r.user, "p:" + r.key) in found else "release",
+                     entity, res, r.quantity, r.deadline, r.user, r.key)
+                    for entity, res, r in stale
+                ]  # fmt: skip
+                await self.apply_allowances(self.catalog.version, ops)
+                log.info("settled %d reservations left behind", len(ops))
+            except Exception as exc:
+                log.warning("could not settle reservations left behind: %r", exc)
 
     # --------------------------------------------------------------- history
 

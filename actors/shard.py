@@ -10,22 +10,20 @@ process still had in flight.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 from typing import Any
 
 import ray
 
-from actors.host import BatchItem, ShardHost, ShardSettings
+from actors.host import AllowanceOp, BatchItem, ShardHost, ShardSettings, shard_index
 
 __all__ = ["ShardActor", "shard_handles", "shard_name", "shard_of"]
 
 
 def shard_of(user_id: str, shards: int) -> int:
-    """The shard of a user: stable across processes and Python versions."""
-    digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % shards
+    """The shard of a user (or allowance): stable across processes."""
+    return shard_index(user_id, shards)
 
 
 def shard_name(shard: int) -> str:
@@ -38,7 +36,9 @@ class ShardActor:
             level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         _run_at_normal_priority()
-        self._host = ShardHost(settings)
+        self._shard = settings.shard
+        self._host = ShardHost(settings, self._call_shard)
+        self._peers: dict[int, Any] = {}
         self._started: asyncio.Task[None] | None = None
 
     async def _ready(self) -> ShardHost:
@@ -54,6 +54,26 @@ class ShardActor:
     async def apply(self, catalog_version: int, batch: list[BatchItem]) -> list[bytes]:
         host = await self._ready()
         return await host.apply_batch(catalog_version, batch)
+
+    async def apply_allowances(self, catalog_version: int, ops: list[AllowanceOp]) -> list[bool]:
+        host = await self._ready()
+        return await host.apply_allowances(catalog_version, ops)
+
+    async def _call_shard(
+        self, shard: int, catalog_version: int, ops: list[AllowanceOp]
+    ) -> list[bool]:
+        """A saga step on the shard hosting an allowance: this one directly,
+        another through Ray (found by name in this actor's namespace)."""
+        if shard == self._shard:
+            return await self._host.apply_allowances(catalog_version, ops)
+        peer = self._peers.get(shard)
+        if peer is None:
+            namespace = ray.get_runtime_context().namespace
+            peer = self._peers[shard] = ray.get_actor(shard_name(shard), namespace=namespace)
+        result: list[bool] = await asyncio.wait_for(
+            peer.apply_allowances.remote(catalog_version, ops), 10
+        )
+        return result
 
     async def stats(self) -> dict[str, Any]:
         host = await self._ready()

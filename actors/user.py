@@ -30,6 +30,7 @@ from actors.events import (
     Expired,
     Line,
     ProfileAdded,
+    PromoRedeemed,
     Renamed,
     SlotCleared,
     SlotFilled,
@@ -38,6 +39,7 @@ from actors.events import (
 from protocol.errors import ErrorCode, RequestError
 from protocol.messages import (
     MAX_GEMS,
+    BundleEntry,
     Consume,
     Consumed,
     CreateProfile,
@@ -56,6 +58,8 @@ from protocol.messages import (
     ProfileView,
     Purchase,
     Purchased,
+    Redeem,
+    Redeemed,
     RenameProfile,
     Reply,
     ServerMessage,
@@ -90,7 +94,7 @@ KEYS_IN_MEMORY = 256
 LEDGER_IN_MEMORY = 200
 MAIN_PROFILE = "main"
 
-Mutation = Purchase | Consume | CreateProfile | Equip | Unequip | Grant | RenameProfile
+Mutation = Purchase | Consume | CreateProfile | Equip | Unequip | Grant | RenameProfile | Redeem
 
 
 class Holding(Struct):
@@ -109,6 +113,7 @@ class Snapshot(Struct, array_like=True):
     inventory: dict[str, Holding]
     profiles: dict[str, Profile]
     recent: dict[str, list[int]] = {}
+    redeemed: list[str] = []
 
 
 @dataclass(eq=False)
@@ -120,6 +125,8 @@ class UserState:
     profiles: dict[str, Profile] = field(default_factory=dict)
     #: Times (ms) of the latest purchases of items with a purchase limit.
     recent: dict[str, list[int]] = field(default_factory=dict)
+    #: Promo codes this user has redeemed (each at most once).
+    redeemed: set[str] = field(default_factory=set)
     #: Recent idempotency records: key -> (fingerprint, reply without rid).
     keys: OrderedDict[str, tuple[bytes, ServerReply]] = field(default_factory=OrderedDict)
     #: True while ``keys`` holds every key this user ever used.
@@ -132,7 +139,9 @@ class UserState:
     _snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
 
     def snapshot(self) -> bytes:
-        return self._snapshot_encoder.encode(Snapshot(self.inventory, self.profiles, self.recent))
+        return self._snapshot_encoder.encode(
+            Snapshot(self.inventory, self.profiles, self.recent, sorted(self.redeemed))
+        )
 
     @classmethod
     def restore(cls, user_id: str, version: int, balance: int, snapshot: bytes) -> UserState:
@@ -144,6 +153,7 @@ class UserState:
             snap.inventory,
             snap.profiles,
             snap.recent,
+            set(snap.redeemed),
             keys_complete=False,
             ledger_complete=False,
         )
@@ -206,11 +216,19 @@ def scoped_key(request: Mutation) -> str | None:
     return None if key is None else "p:" + key
 
 
-def handle(state: UserState, request: Mutation, catalog: Catalog, now: int) -> Outcome:
+def handle(
+    state: UserState,
+    request: Mutation,
+    catalog: Catalog,
+    now: int,
+    allowance: bool | None = None,
+) -> Outcome:
     """Decide and apply one mutation.  Raises ``RequestError`` having changed nothing.
 
     The caller must have loaded the request's idempotency record into
-    ``state.keys`` if it exists (see ``scoped_key``) before calling.
+    ``state.keys`` if it exists (see ``scoped_key``) before calling.  For a
+    limited item or a promo code, ``allowance`` says whether the shared
+    allowance was reserved for this request (see ``actors.allowance``).
     """
     key = scoped_key(request)
     print_ = b""
@@ -223,7 +241,7 @@ def handle(state: UserState, request: Mutation, catalog: Catalog, now: int) -> O
                     ErrorCode.IDEMPOTENCY_CONFLICT, "this key was used for a different request"
                 )
             return Outcome(msgspec.structs.replace(seen[1], rid=request.rid))
-    events = _decide(state, request, catalog, now)
+    events = _decide(state, request, catalog, now, allowance)
     if not events:  # nothing to change (e.g. equipping what is already equipped)
         return Outcome(msgspec.structs.replace(_reply(state, request, None), rid=request.rid))
     change = _change(state, now, request.__struct_config__.tag, events, key)  # type: ignore[arg-type]
@@ -242,10 +260,14 @@ def _change(
     return Change(version=state.version + 1, at=now, kind=kind, events=events, key=key)
 
 
-def _decide(state: UserState, request: Mutation, catalog: Catalog, now: int) -> list[AnyEvent]:
+def _decide(
+    state: UserState, request: Mutation, catalog: Catalog, now: int, allowance: bool | None
+) -> list[AnyEvent]:
     match request:
         case Purchase():
-            return _decide_purchase(state, request, catalog, now)
+            return _decide_purchase(state, request, catalog, now, allowance)
+        case Redeem():
+            return _decide_redeem(state, request, catalog, now, allowance)
         case Consume():
             item = catalog.lookup(request.sku)
             held = state.inventory.get(request.sku)
@@ -292,7 +314,7 @@ def _decide_rename(state: UserState, request: RenameProfile, catalog: Catalog) -
     """PROTOCOL.md §10: renaming uses up one consumable whose
     ``metadata.effect`` is ``"rename"``, in the same change."""
     _profile(state, request.profile)
-    if request.name != request.profile and request.name in state.profiles:
+    if request.name in state.profiles:
         raise RequestError(ErrorCode.PROFILE_EXISTS, f"profile {request.name!r} exists")
     cards = [
         sku
@@ -335,7 +357,7 @@ def next_expiry(state: UserState) -> int | None:
 
 
 def _decide_purchase(
-    state: UserState, request: Purchase, catalog: Catalog, now: int
+    state: UserState, request: Purchase, catalog: Catalog, now: int, allowance: bool | None = None
 ) -> list[AnyEvent]:
     # PROTOCOL.md §3 "Purchase" and §10, checked in this order.
     item = catalog.items.get(request.sku)
@@ -372,9 +394,37 @@ def _decide_purchase(
     gems = item.bundle_gems * request.quantity
     if state.balance - total + gems > MAX_GEMS:
         raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the balance would exceed its cap")
+    if item.stock is not None and not allowance:  # checked last: the saga reserved a unit
+        raise RequestError(ErrorCode.SOLD_OUT, f"{request.sku!r} is sold out")
     purchase = purchase_id(state.user_id, state.version + 1)
     track = limit.count if limit is not None else 0
     return [Bought(purchase, item.sku, request.quantity, total, None, grants, gems, track)]
+
+
+def redeem_check(state: UserState, request: Redeem, catalog: Catalog, now: int) -> None:
+    """The user's side of a redemption, before any use of the code is reserved."""
+    promo = catalog.promos.get(request.code)
+    if promo is None:
+        raise RequestError(ErrorCode.UNKNOWN_CODE, "no such promo code")
+    expires = promo.expires_ms
+    if expires is not None and now >= expires:
+        raise RequestError(ErrorCode.CODE_EXPIRED, "this promo code has expired")
+    if request.code in state.redeemed:
+        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "you have redeemed this code already")
+
+
+def _decide_redeem(
+    state: UserState, request: Redeem, catalog: Catalog, now: int, allowance: bool | None
+) -> list[AnyEvent]:
+    # PROTOCOL.md §10: once per user (here), at most max_uses in all (the allowance).
+    redeem_check(state, request, catalog, now)
+    promo = catalog.promos[request.code]
+    grants = [_grant_line(state, catalog, line.sku, line.quantity, now) for line in promo.items]
+    if state.balance + promo.gems > MAX_GEMS:
+        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the balance would exceed its cap")
+    if not allowance:
+        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "this promo code has been used up")
+    return [PromoRedeemed(request.code, promo.gems, grants)]
 
 
 def _grant_line(state: UserState, catalog: Catalog, sku: str, quantity: int, now: int) -> Line:
@@ -466,10 +516,7 @@ def evolve(state: UserState, change: Change) -> None:
                 if grants is None:  # the record format before bundles
                     grants = [Line(sku, quantity, event.expires_at)]
                 state.balance += event.gems - total
-                for line in grants:
-                    held = state.inventory.setdefault(line.sku, Holding(0, line.expires_at))
-                    held.quantity += line.quantity
-                    held.expires_at = line.expires_at
+                _grant(state, grants)
                 if event.track:
                     times = state.recent.setdefault(sku, [])
                     times.append(change.at)
@@ -477,6 +524,14 @@ def evolve(state: UserState, change: Change) -> None:
                 ledger = LedgerEntry(
                     seq=change.version, at=change.at, kind="purchase", amount=event.gems - total,
                     balance=state.balance, sku=sku, quantity=quantity, key=client_key,
+                )  # fmt: skip
+            case PromoRedeemed(code=code, gems=gems, grants=grants):
+                state.balance += gems
+                _grant(state, grants)
+                state.redeemed.add(code)
+                ledger = LedgerEntry(
+                    seq=change.version, at=change.at, kind="promo", amount=gems,
+                    balance=state.balance, key=client_key,
                 )  # fmt: skip
             case Expired(sku=sku):
                 del state.inventory[sku]
@@ -499,6 +554,13 @@ def evolve(state: UserState, change: Change) -> None:
     change.ledger = ledger
     if ledger is not None:
         state.ledger.append(ledger)
+
+
+def _grant(state: UserState, grants: list[Line]) -> None:
+    for line in grants:
+        held = state.inventory.setdefault(line.sku, Holding(0, line.expires_at))
+        held.quantity += line.quantity
+        held.expires_at = line.expires_at
 
 
 def _reply(state: UserState, request: Mutation, change: Change | None) -> ServerReply:
@@ -526,6 +588,14 @@ def _reply(state: UserState, request: Mutation, change: Change | None) -> Server
             return Granted(user=state.user_id, balance=state.balance, version=version)
         case RenameProfile():
             return ProfileRenamed(profile=request.name, version=version)
+        case Redeem():
+            redeemed = change.events[0] if change else None
+            assert isinstance(redeemed, PromoRedeemed)
+            return Redeemed(
+                code=redeemed.code, gems=redeemed.gems,
+                items=[BundleEntry(g.sku, g.quantity) for g in redeemed.grants],
+                balance=state.balance, version=version,
+            )  # fmt: skip
     raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
 
 
@@ -544,6 +614,9 @@ def pushes(state: UserState, change: Change) -> list[ServerMessage]:
             case Bought(sku=sku, grants=grants):
                 money = True
                 skus += [line.sku for line in grants] if grants is not None else [sku]
+            case PromoRedeemed(grants=grants):
+                money = True
+                skus += [line.sku for line in grants]
             case UsedUp(sku=sku) | Expired(sku=sku):
                 skus.append(sku)
             case ProfileAdded(profile=name) | SlotFilled(profile=name) | SlotCleared(profile=name):

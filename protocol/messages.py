@@ -52,6 +52,8 @@ __all__ = [
     "ProfileView",
     "Purchase",
     "Purchased",
+    "Redeem",
+    "Redeemed",
     "RenameProfile",
     "Reply",
     "Role",
@@ -182,6 +184,11 @@ class Categories(Request, tag="categories"):
     game: GameCode | None = None
 
 
+class Redeem(Request, tag="redeem"):
+    key: Key
+    code: Annotated[str, Meta(min_length=1, max_length=64)]
+
+
 class RenameProfile(Request, tag="rename_profile"):
     key: Key
     profile: ProfileName
@@ -201,10 +208,11 @@ ClientMessage = (
     | Inspect
     | Categories
     | RenameProfile
+    | Redeem
 )
 
 #: Requests that change a user and so go through the user's shard journal.
-MUTATIONS = (Purchase, Consume, CreateProfile, Equip, Unequip, Grant, RenameProfile)
+MUTATIONS = (Purchase, Consume, CreateProfile, Equip, Unequip, Grant, RenameProfile, Redeem)
 #: Requests only an admin token may make.
 ADMIN_REQUESTS = (Grant,)
 #: Requests that name a user explicitly; a player may not make them.
@@ -350,6 +358,14 @@ class CategoriesReply(Reply, tag="categories"):
     items: list[CategoryCount]
 
 
+class Redeemed(Reply, tag="redeemed"):
+    code: str
+    gems: int
+    items: list[BundleEntry]
+    balance: int
+    version: int
+
+
 class ProfileRenamed(Reply, tag="profile_renamed"):
     profile: str
     version: int
@@ -396,6 +412,7 @@ ServerReply = (
     | Granted
     | CategoriesReply
     | ProfileRenamed
+    | Redeemed
     | Error
 )
 Push = InventoryPush | LoadoutPush | CatalogChanged

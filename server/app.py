@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from actors.catalog import Catalog, demo_catalog_text
 from actors.catalog_source import load_live_catalog, publish_catalog_text
-from actors.host import ShardSettings
+from actors.host import STOCK_LEFT_KEY, ShardSettings
 from persistence import store
 from persistence.embedded import EmbeddedPostgres, EmbeddedRedis
 from persistence.schema import migrate
@@ -169,6 +169,8 @@ class CatalogHolder:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self.catalog = Catalog.empty()
+        #: Units left of limited items, as the shards last announced them.
+        self.stock_left: dict[str, int] = {}
 
     async def refresh(self) -> bool:
         catalog = await load_live_catalog(self._pool)
@@ -213,6 +215,7 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
                     starting_balance=settings.starting_balance,
                     idle_seconds=settings.idle_seconds,
                     flush_interval=settings.flush_interval_ms / 1000,
+                    shards=settings.shards,
                 )
                 for i in range(settings.shards)
             ]
@@ -243,7 +246,13 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
                 log.info("catalog version %d is live", holder.catalog.version)
                 gateway.broadcast_catalog_changed(holder.catalog.version)
 
-        fanout = PushFanout(redis, gateway.deliver, catalog_changed)
+        def stock_changed(sku: str, left: int) -> None:
+            holder.stock_left[sku] = left
+
+        for sku, left in (await redis.hgetall(STOCK_LEFT_KEY)).items():
+            holder.stock_left[sku.decode() if isinstance(sku, bytes) else sku] = int(left)
+        gateway.stock_left = holder.stock_left
+        fanout = PushFanout(redis, gateway.deliver, catalog_changed, stock_changed)
         await fanout.start()
         gateway.on_connection = fanout.watch
         gateway.on_disconnect = fanout.unwatch

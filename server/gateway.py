@@ -120,6 +120,8 @@ class Gateway:
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        #: Units left of limited items (kept current from Redis by the app).
+        self.stock_left: dict[str, int] = {}
         self._secret = secret
         self._max_connections = max_connections
         self.connections = 0
@@ -365,7 +367,7 @@ class Gateway:
         reply = CatalogReply(
             rid=request.rid,
             version=catalog.version,
-            items=[catalog.wire(i, now) for i in items],
+            items=[catalog.wire(i, now, self.stock_left.get(i.sku)) for i in items],
             next=after,
         )
         self.metrics.requests.labels("catalog", "ok").inc()

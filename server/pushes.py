@@ -15,15 +15,17 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
-from actors.host import catalog_channel, user_channel
+from actors.host import catalog_channel, stock_channel, user_channel
 
 __all__ = ["PushFanout"]
 
 log = logging.getLogger("loadout.pushes")
 
 _USER_PREFIX = user_channel("")
+_stock = msgspec.msgpack.Decoder(tuple[str, int])
 SUBSCRIBE_TIMEOUT = 5.0
 
 
@@ -33,7 +35,9 @@ class PushFanout:
         redis: aioredis.Redis,
         deliver: Callable[[str, bytes], None],
         catalog_changed: Callable[[int], Awaitable[None]],
+        stock_changed: Callable[[str, int], None] = lambda sku, left: None,
     ) -> None:
+        self._stock_changed = stock_changed
         self._redis = redis
         self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
         self._deliver = deliver
@@ -46,7 +50,7 @@ class PushFanout:
         self._subscriber: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self._pubsub.subscribe(catalog_channel())
+        await self._pubsub.subscribe(catalog_channel(), stock_channel())
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._listen(), name="push-listener")
         self._subscriber = loop.create_task(self._apply_changes(), name="push-subscriptions")
@@ -123,6 +127,9 @@ class PushFanout:
         channel = channel.decode() if isinstance(channel, bytes) else channel
         if channel.startswith(_USER_PREFIX):
             self._deliver(channel[len(_USER_PREFIX) :], message["data"])
+        elif channel == stock_channel():
+            sku, left = _stock.decode(message["data"])
+            self._stock_changed(sku, left)
         elif channel == catalog_channel():
             task = asyncio.get_running_loop().create_task(self._on_catalog(int(message["data"])))
             self._catalog_tasks.add(task)

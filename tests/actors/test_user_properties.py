@@ -126,6 +126,7 @@ SKUS = [
     "br.emote.dance",
     "br.skin.ghost.trial",
     "plat.chest.daily",
+    "br.rifle.founders",
     "no.such.sku",
 ]
 assert sorted(SKUS) == sorted([*CATALOGS[0].items, "no.such.sku"])

@@ -1,0 +1,94 @@
+"""Allowances: shared counts that must never be oversold (DESIGN.md).
+
+The stock of a limited item and the uses of a promo code are the same kind
+of entity: a capacity, what has been used of it, and reservations held for
+purchases (or redemptions) in progress.  Like a user, an allowance lives in
+exactly one shard (by the hash of its id) and changes one request at a time,
+in pure code; the shard journals every change before it answers.
+
+A purchase of a limited item is a small saga between two entities::
+
+    reserve (allowance) -> debit and grant (user) -> confirm (allowance)
+                                 \\-> on refusal: release (allowance)
+
+Every step is idempotent by reservation id (the user and the request's
+idempotency key).  A reservation carries a deadline: the user's shard applies
+the purchase only before it, and the allowance's sweeper settles a
+reservation left behind by a crash only well after it, by looking for the
+purchase in the user's journal (confirm if there, release if not).
+"""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+__all__ = [
+    "AllowanceState",
+    "Reservation",
+    "allowance_id",
+    "left",
+    "reservation_id",
+]
+
+
+class Reservation(Struct, array_like=True):
+    quantity: int
+    deadline: int
+    user: str
+    key: str
+
+
+class AllowanceState(Struct, array_like=True):
+    used: int = 0
+    reservations: dict[str, Reservation] = {}
+
+
+def allowance_id(kind: str, name: str) -> str:
+    """``stock:<sku>`` or ``promo:<code>``: never a user id (those have no ':')."""
+    return f"{kind}:{name}"
+
+
+def reservation_id(user: str, key: str) -> str:
+    return f"{user}/{key}"
+
+
+def left(state: AllowanceState, capacity: int) -> int:
+    """What can still be reserved."""
+    return capacity - state.used - sum(r.quantity for r in state.reservations.values())
+
+
+def reserve(
+    state: AllowanceState,
+    res: str,
+    quantity: int,
+    capacity: int,
+    deadline: int,
+    user: str,
+    key: str,
+) -> tuple[bool, bool]:
+    """Reserve ``quantity``; return (granted, changed).  Reserving again under
+    the same id (a retry) keeps the reservation and moves its deadline."""
+    held = state.reservations.get(res)
+    if held is not None:
+        if held.deadline == deadline:
+            return True, False
+        held.deadline = max(held.deadline, deadline)
+        return True, True
+    if left(state, capacity) < quantity:
+        return False, False
+    state.reservations[res] = Reservation(quantity, deadline, user, key)
+    return True, True
+
+
+def confirm(state: AllowanceState, res: str) -> bool:
+    """The purchase happened: the reservation becomes used.  True if changed."""
+    held = state.reservations.pop(res, None)
+    if held is None:
+        return False
+    state.used += held.quantity
+    return True
+
+
+def release(state: AllowanceState, res: str) -> bool:
+    """The purchase did not happen: the units are free again.  True if changed."""
+    return state.reservations.pop(res, None) is not None
