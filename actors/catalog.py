@@ -253,8 +253,6 @@ def _check_bundle(item: ItemSpec, items: dict[str, ItemSpec]) -> None:
         raise CatalogFileError(f"{where}: a bundle lists at least one item")
     if item.slot is not None or item.kind is ItemKind.CONSUMABLE:
         raise CatalogFileError(f"{where}: a bundle is never held: no slot, not a consumable")
-    if item.duration is not None:
-        raise CatalogFileError(f"{where}: give 'duration' to the items in the bundle instead")
     seen: set[str] = set()
     for line in item.bundle:
         inner = items.get(line.sku)
@@ -301,6 +299,7 @@ def _check_promos(doc: CatalogDocument, items: dict[str, ItemSpec]) -> None:
             raise CatalogFileError(f"{where}: a promo grants at least one item or some gems")
         if promo.expires_at is not None and promo.expires_at.tzinfo is None:
             raise CatalogFileError(f"{where}, field 'expires_at': give a time zone, e.g. ...Z")
+        seen: set[str] = set()
         for line in promo.items:
             inner = items.get(line.sku)
             if inner is None:
@@ -308,6 +307,15 @@ def _check_promos(doc: CatalogDocument, items: dict[str, ItemSpec]) -> None:
             if inner.bundle is not None or inner.stock is not None:
                 raise CatalogFileError(
                     f"{where}, field 'items': {line.sku!r} is a bundle or limited item"
+                )
+            if line.sku in seen:
+                raise CatalogFileError(f"{where}, field 'items': {line.sku!r} is listed twice")
+            seen.add(line.sku)
+            cap = inner.hold_cap
+            if cap is not None and line.quantity > cap:
+                raise CatalogFileError(
+                    f"{where}, field 'items': {line.quantity} of {line.sku!r} is more than"
+                    f" a user may hold ({cap})"
                 )
 
 

@@ -112,8 +112,10 @@ AllowanceOp = tuple[str, str, str, int, int, str, str]
 AllowanceCaller = Callable[[int, int, list[AllowanceOp]], Awaitable[list[bool]]]
 #: A purchase must be applied this soon after its unit was reserved...
 RESERVATION_MS = 10_000
-#: ...and a reservation left behind is settled only this long after that.
-SETTLE_AFTER_MS = 60_000
+#: ...and a reservation left behind is settled only this long after that:
+#: longer than a journal flush may take (statement_timeout, persistence.store)
+#: twice over, so a purchase applied in time is durable before it is settled.
+SETTLE_AFTER_MS = 120_000
 
 _allowance_encoder = msgspec.msgpack.Encoder()
 _allowance_decoder = msgspec.msgpack.Decoder(AllowanceState)
@@ -239,8 +241,12 @@ class ShardHost:
             op = reserved.get(i)
             if op is None:
                 replies.append(self._apply_one(user_id, request, now, records, pushes))
-            elif op == "unavailable":
+            elif isinstance(op, str):  # the allowance's shard did not answer
                 replies.append(self._error(request.rid, ErrorCode.UNAVAILABLE, "please retry"))
+            elif op[0] == "reserve" and _now_ms() >= op[4]:
+                # Too late to use the reservation (the deadline the sweeper relies on).
+                replies.append(self._error(request.rid, ErrorCode.UNAVAILABLE, "please retry"))
+                settle.append(("release", *op[1:]))
             else:
                 granted = op[0] == "reserve"
                 reply = self._apply_one(user_id, request, now, records, pushes, granted)
@@ -588,7 +594,7 @@ class ShardHost:
     async def _call_self(
         self, shard: int, catalog_version: int, ops: list[AllowanceOp]
     ) -> list[bool]:
-        return await self.apply_allowances(catalog_version, ops)
+        return await asyncio.wait_for(self.apply_allowances(catalog_version, ops), 10)
 
     def _capacity(self, entity: str) -> int:
         kind, _, name = entity.partition(":")

@@ -65,7 +65,7 @@ class ShardActor:
         """A saga step on the shard hosting an allowance: this one directly,
         another through Ray (found by name in this actor's namespace)."""
         if shard == self._shard:
-            return await self._host.apply_allowances(catalog_version, ops)
+            return await asyncio.wait_for(self._host.apply_allowances(catalog_version, ops), 10)
         peer = self._peers.get(shard)
         if peer is None:
             namespace = ray.get_runtime_context().namespace

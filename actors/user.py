@@ -375,7 +375,9 @@ def _decide_purchase(
         if item.bundle is not None
         else [(item.sku, request.quantity)]
     )
-    grants = [_grant_line(state, catalog, sku, quantity, now) for sku, quantity in lines]
+    # A bundle's own duration, if it has one, applies to everything it grants.
+    duration = item.duration_ms if item.bundle is not None else None
+    grants = [_grant_line(state, catalog, sku, quantity, now, duration) for sku, quantity in lines]
     limit = catalog.limit_for(item)
     if limit is not None:
         times = [t for t in state.recent.get(item.sku, ()) if t > now - limit.per_ms]
@@ -427,13 +429,21 @@ def _decide_redeem(
     return [PromoRedeemed(request.code, promo.gems, grants)]
 
 
-def _grant_line(state: UserState, catalog: Catalog, sku: str, quantity: int, now: int) -> Line:
-    """What granting ``quantity`` of ``sku`` adds, after the holding limits."""
+def _grant_line(
+    state: UserState,
+    catalog: Catalog,
+    sku: str,
+    quantity: int,
+    now: int,
+    duration: int | None = None,
+) -> Line:
+    """What granting ``quantity`` of ``sku`` adds, after the holding limits;
+    ``duration`` (ms) overrides the item's own (a bundle's applies to all)."""
     item = catalog.lookup(sku)
     assert item is not None, sku  # bundles are checked against their catalog
     held = state.inventory.get(sku)
     held_quantity = held.quantity if held else 0
-    duration = item.duration_ms
+    duration = duration if duration is not None else item.duration_ms
     if not item.stackable and held_quantity:
         if duration is None or held is None or held.expires_at is None:
             raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"you already hold {sku!r}")

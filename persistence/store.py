@@ -30,7 +30,12 @@ async def _keep_session(con: asyncpg.Connection) -> None:
 
 async def open_pool(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, reset=_keep_session
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        reset=_keep_session,
+        # Bounds a journal flush (one statement): see SETTLE_AFTER_MS in actors.host.
+        server_settings={"statement_timeout": "30s"},
     )
     return pool
 

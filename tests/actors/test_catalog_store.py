@@ -18,6 +18,11 @@ ITEM = '\n[[items]]\nsku = "b.x"\nname = "X"\nkind = "non_consumable"\nprice = 1
         (ITEM + 'bundle = [{ sku = "br.bundle.starter" }]\n', ["b.x", "bundle"]),
         (ITEM + "bundle = []\n", ["b.x", "bundle"]),
         (ITEM + 'bundle = [{ sku = "br.rifle.dragon", quantity = 2 }]\n', ["b.x", "more than"]),
+        (
+            '\n[[promos]]\ncode = "Y"\nmax_uses = 1\n'
+            'items = [{ sku = "br.hat.crown" }, { sku = "br.hat.crown" }]\n',
+            ["Y", "twice"],
+        ),
         (ITEM + "bundle_gems = 5\n", ["b.x", "bundle_gems"]),
         (ITEM + 'duration = "7x"\n', ["b.x", "duration"]),
         (ITEM + "stock = 0\n", ["b.x", "stock"]),
@@ -65,3 +70,20 @@ def test_stock_left_shows_on_limited_items_only() -> None:
     assert catalog.wire(catalog.items["br.rifle.founders"], 0).stock_left == 500
     assert catalog.wire(catalog.items["br.rifle.founders"], 0, 7).stock_left == 7
     assert catalog.wire(catalog.items["br.hat.crown"], 0, 7).stock_left is None
+
+
+def test_a_bundle_duration_applies_to_its_contents() -> None:
+    from actors.user import handle, new_user
+    from protocol.messages import Purchase
+
+    extra = (
+        ITEM + 'bundle = [{ sku = "br.hat.crown" }, { sku = "plat.life.extra", quantity = 2 }]\n'
+    )
+    catalog = Catalog.from_document(1, parse_catalog(BASE + extra + 'duration = "7d"\n'))
+    state, _ = new_user("u", 100, 1_000)
+    handle(state, Purchase(key="k", sku="b.x", price=1), catalog, 1_000)
+    week = 7 * 86_400_000
+    assert {s: h.expires_at for s, h in state.inventory.items()} == {
+        "br.hat.crown": 1_000 + week,
+        "plat.life.extra": 1_000 + week,
+    }
