@@ -36,6 +36,9 @@ class Reservation(Struct, array_like=True):
     deadline: int
     user: str
     key: str
+    #: The request's fingerprint (hex): the sweeper confirms only a journaled
+    #: change of this very request, not another one under the same key.
+    fingerprint: str = ""
 
 
 class AllowanceState(Struct, array_like=True):
@@ -48,8 +51,10 @@ def allowance_id(kind: str, name: str) -> str:
     return f"{kind}:{name}"
 
 
-def reservation_id(user: str, key: str) -> str:
-    return f"{user}/{key}"
+def reservation_id(user: str, key: str, fingerprint: str) -> str:
+    """One reservation per (user, key, request): a different request under the
+    same key (an idempotency conflict) never shares another's reservation."""
+    return f"{user}/{key}/{fingerprint}"
 
 
 def left(state: AllowanceState, capacity: int) -> int:
@@ -65,18 +70,22 @@ def reserve(
     deadline: int,
     user: str,
     key: str,
+    fingerprint: str = "",
 ) -> tuple[bool, bool]:
     """Reserve ``quantity``; return (granted, changed).  Reserving again under
-    the same id (a retry) keeps the reservation and moves its deadline."""
+    the same id (a retry of the same request) keeps the reservation and moves
+    its deadline later."""
     held = state.reservations.get(res)
     if held is not None:
-        if held.deadline == deadline:
+        if held.quantity != quantity:
+            return False, False
+        if held.deadline >= deadline:
             return True, False
-        held.deadline = max(held.deadline, deadline)
+        held.deadline = deadline
         return True, True
     if left(state, capacity) < quantity:
         return False, False
-    state.reservations[res] = Reservation(quantity, deadline, user, key)
+    state.reservations[res] = Reservation(quantity, deadline, user, key, fingerprint)
     return True, True
 
 
@@ -89,6 +98,13 @@ def confirm(state: AllowanceState, res: str) -> bool:
     return True
 
 
-def release(state: AllowanceState, res: str) -> bool:
-    """The purchase did not happen: the units are free again.  True if changed."""
-    return state.reservations.pop(res, None) is not None
+def release(state: AllowanceState, res: str, deadline: int | None = None) -> bool:
+    """The purchase did not happen: the units are free again.  True if changed.
+
+    With ``deadline``, only the reservation as it was then is released: if a
+    retry has reserved again since (a later deadline), the retry owns it."""
+    held = state.reservations.get(res)
+    if held is None or (deadline is not None and held.deadline != deadline):
+        return False
+    del state.reservations[res]
+    return True

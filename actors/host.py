@@ -35,6 +35,7 @@ from actors.user import (
     Outcome,
     UserState,
     expire_due,
+    fingerprint,
     handle,
     new_user,
     next_expiry,
@@ -145,6 +146,7 @@ class ShardHost:
         #: time-limited item is due.  Stale entries are harmless.
         self._expiries: list[tuple[int, str]] = []
         self._expiry_wake = asyncio.Event()
+        self._next_due: dict[str, int] = {}
         self._pool: asyncpg.Pool | None = None
         self._redis: aioredis.Redis | None = None
         self._journal: Journal | None = None
@@ -220,6 +222,12 @@ class ShardHost:
 
     # ----------------------------------------------------------------- batch
 
+    async def _reload_catalog(self) -> None:
+        assert self._pool is not None
+        catalog = await load_live_catalog(self._pool)
+        if catalog.version > self.catalog.version:  # two reloads may finish out of order
+            self.catalog = catalog
+
     async def apply_batch(self, catalog_version: int, batch: list[BatchItem]) -> list[bytes]:
         """Apply a batch in order; reply (msgpack, one per item) once durable."""
         assert self._journal is not None and self._pool is not None
@@ -228,7 +236,7 @@ class ShardHost:
                 self._error(r.rid, ErrorCode.UNAVAILABLE, "shard moved; retry") for _, r in batch
             ]
         if catalog_version > self.catalog.version:
-            self.catalog = await load_live_catalog(self._pool)
+            await self._reload_catalog()
         await self._activate({user for user, _ in batch})
         await self._load_keys(batch)
         now = _now_ms()
@@ -246,14 +254,18 @@ class ShardHost:
             elif op[0] == "reserve" and _now_ms() >= op[4]:
                 # Too late to use the reservation (the deadline the sweeper relies on).
                 replies.append(self._error(request.rid, ErrorCode.UNAVAILABLE, "please retry"))
-                settle.append(("release", *op[1:]))
+                if self._surely_not_applied(user_id, request):
+                    settle.append(("release", *op[1:]))
             else:
                 granted = op[0] == "reserve"
                 reply = self._apply_one(user_id, request, now, records, pushes, granted)
                 replies.append(reply)
                 if granted:
-                    done = "confirm" if not isinstance(reply, bytes) else "release"
-                    settle.append((done, *op[1:]))
+                    if not isinstance(reply, bytes):
+                        settle.append(("confirm", *op[1:]))
+                    elif self._surely_not_applied(user_id, request):
+                        settle.append(("release", *op[1:]))
+                    # else: the sweeper settles it from the journal.
         try:
             await self._journal_and_push(records, pushes)
         except JournalError as exc:
@@ -318,8 +330,13 @@ class ShardHost:
         records.append(self._record(user_id, change))
         channel = user_channel(user_id)
         pushes.extend((channel, self._encoder.encode(p)) for p in messages)
+        self._schedule_expiry(user_id, state)
+
+    def _schedule_expiry(self, user_id: str, state: UserState) -> None:
+        """Remember when the user's next item expires; one heap entry per time."""
         when = next_expiry(state)
-        if when is not None:
+        if when is not None and self._next_due.get(user_id) != when:
+            self._next_due[user_id] = when
             heapq.heappush(self._expiries, (when, user_id))
             self._expiry_wake.set()
 
@@ -344,7 +361,10 @@ class ShardHost:
             now = _now_ms()
             due: set[str] = set()
             while self._expiries and self._expiries[0][0] <= now:
-                due.add(heapq.heappop(self._expiries)[1])
+                when, user_id = heapq.heappop(self._expiries)
+                if self._next_due.get(user_id) == when:
+                    del self._next_due[user_id]
+                    due.add(user_id)
             if due:
                 try:
                     await self._activate(due)
@@ -358,6 +378,7 @@ class ShardHost:
                 except Exception as exc:  # retried: the items are still due
                     log.warning("expiry of %d users failed: %r; retrying", len(due), exc)
                     for user_id in due:
+                        self._next_due[user_id] = now + 1000
                         heapq.heappush(self._expiries, (now + 1000, user_id))
                 continue
             wait = (self._expiries[0][0] - now) / 1000 if self._expiries else 60.0
@@ -435,16 +456,16 @@ class ShardHost:
                     if row is not None:
                         state = UserState.restore(u, row.version, row.balance, row.state)
                         self.users[u] = state
-                        when = next_expiry(state)
-                        if when is not None:
-                            heapq.heappush(self._expiries, (when, u))
-                            self._expiry_wake.set()
+                        self._schedule_expiry(u, state)
                         continue
                     state, change = new_user(u, self.settings.starting_balance, now)
                     self.users[u] = state
                     if change is not None:
                         records.append(self._record(u, change))
                 self.activations += len(mine)
+                seen = time.monotonic()
+                for u in mine:
+                    self._last_used[u] = seen
                 # A new user's starting credit is journaled with the first batch.
                 self._journal.write(records)
             finally:
@@ -557,8 +578,10 @@ class ShardHost:
                 continue
             entity, quantity = need
             key = request.key  # type: ignore[union-attr]
-            op: AllowanceOp = ("reserve", entity, reservation_id(user_id, key), quantity,
+            print_ = fingerprint(request).hex()  # type: ignore[arg-type]
+            op: AllowanceOp = ("reserve", entity, reservation_id(user_id, key, print_), quantity,
                                now + RESERVATION_MS, user_id, key)  # fmt: skip
+
             wanted.setdefault(shard_index(entity, self.settings.shards), []).append((i, op))
         out: dict[int, AllowanceOp | str] = {}
         if not wanted:
@@ -591,6 +614,13 @@ class ShardHost:
                     "could not settle %d reservations on shard %d: %r", len(items), shard, exc
                 )
 
+    def _surely_not_applied(self, user_id: str, request: ShardRequest) -> bool:
+        """True when the user is resident and has never applied this key: only
+        then may a refused request release its reservation at once."""
+        state = self.users.get(user_id)
+        key = scoped_key(request) if isinstance(request, Purchase | Redeem) else None
+        return state is not None and key is not None and key not in state.keys
+
     async def _call_self(
         self, shard: int, catalog_version: int, ops: list[AllowanceOp]
     ) -> list[bool]:
@@ -613,7 +643,7 @@ class ShardHost:
         if self._journal.fenced:
             raise JournalError("this shard has a newer owner")
         if catalog_version > self.catalog.version:
-            self.catalog = await load_live_catalog(self._pool)
+            await self._reload_catalog()
         await self._activate({op[1] for op in ops})
         now = _now_ms()
         records: list[JournalRecord] = []
@@ -626,12 +656,13 @@ class ShardHost:
                 continue
             if op == "reserve":
                 ok, moved = allowances.reserve(
-                    held.state, res, quantity, self._capacity(entity), deadline, user, key
-                )
+                    held.state, res, quantity, self._capacity(entity), deadline, user, key,
+                    res.rpartition("/")[2],
+                )  # fmt: skip
             elif op == "confirm":
                 ok = moved = allowances.confirm(held.state, res)
             else:
-                ok = moved = allowances.release(held.state, res)
+                ok = moved = allowances.release(held.state, res, deadline)
             results.append(ok)
             if moved:
                 held.version += 1
@@ -685,9 +716,13 @@ class ShardHost:
                 found = await store.load_changes_by_key(
                     self._pool, [(r.user, "p:" + r.key) for _, _, r in stale]
                 )
+                prints = {
+                    who: (decode_change(data).fingerprint or b"").hex()
+                    for who, data in found.items()
+                }
                 ops: list[AllowanceOp] = [
-                    ("confirm" if (r.user, "p:" + r.key) in found else "release",
-                     entity, res, r.quantity, r.deadline, r.user, r.key)
+                    ("confirm" if prints.get((r.user, "p:" + r.key)) == r.fingerprint
+                     else "release", entity, res, r.quantity, r.deadline, r.user, r.key)
                     for entity, res, r in stale
                 ]  # fmt: skip
                 await self.apply_allowances(self.catalog.version, ops)

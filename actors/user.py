@@ -397,6 +397,8 @@ def _decide_purchase(
     if state.balance - total + gems > MAX_GEMS:
         raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the balance would exceed its cap")
     if item.stock is not None and not allowance:  # checked last: the saga reserved a unit
+        if allowance is None:  # the state changed since the shard decided to reserve
+            raise RequestError(ErrorCode.UNAVAILABLE, "please retry with the same key")
         raise RequestError(ErrorCode.SOLD_OUT, f"{request.sku!r} is sold out")
     purchase = purchase_id(state.user_id, state.version + 1)
     track = limit.count if limit is not None else 0
@@ -424,6 +426,8 @@ def _decide_redeem(
     grants = [_grant_line(state, catalog, line.sku, line.quantity, now) for line in promo.items]
     if state.balance + promo.gems > MAX_GEMS:
         raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the balance would exceed its cap")
+    if allowance is None:  # the state changed since the shard decided to reserve
+        raise RequestError(ErrorCode.UNAVAILABLE, "please retry with the same key")
     if not allowance:
         raise RequestError(ErrorCode.LIMIT_EXCEEDED, "this promo code has been used up")
     return [PromoRedeemed(request.code, promo.gems, grants)]
@@ -444,6 +448,10 @@ def _grant_line(
     held = state.inventory.get(sku)
     held_quantity = held.quantity if held else 0
     duration = duration if duration is not None else item.duration_ms
+    if held is not None and (held.expires_at is None) != (duration is None):
+        # One holding has one expiry: timed and permanent units do not mix.
+        kind = "a time-limited" if duration is not None else "a permanent"
+        raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"{sku!r} is held; this would add {kind} one")
     if not item.stackable and held_quantity:
         if duration is None or held is None or held.expires_at is None:
             raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"you already hold {sku!r}")

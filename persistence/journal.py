@@ -138,9 +138,11 @@ class Journal:
         if self.fenced:
             future.set_exception(Fenced("this shard has a newer owner"))
             return future
-        if not records:
-            future.set_result(None)
+        if not records and self._idle.is_set():
+            future.set_result(None)  # nothing buffered or in flight: all is durable
             return future
+        # With no records of its own the caller still waits for the next flush:
+        # what it read may depend on records not yet durable.
         self._records.extend(records)
         self._futures.append(future)
         for record in records:
@@ -165,12 +167,13 @@ class Journal:
             self._records, self._futures = [], []
             self._wake.clear()
             users = {r.user_id for r in records}
-            # Cut and snapshot together, with no await in between: each
-            # snapshot is the state after the user's last record in this flush.
-            rows = {user: self._snapshot(user) for user in users}
             started = time.perf_counter()
             try:
-                await self._flush(records, rows)
+                # Cut and snapshot together, with no await in between: each
+                # snapshot is the state after the user's last record here.
+                rows = {user: self._snapshot(user) for user in users}
+                if records:
+                    await self._flush(records, rows)
             except Exception as exc:
                 failed = self._fail(records, futures, exc)
                 self._on_failure(failed)
@@ -190,7 +193,7 @@ class Journal:
                     self._pending[record.user_id] -= 1
                     if not self._pending[record.user_id]:
                         del self._pending[record.user_id]
-            if not self._records:
+            if not self._records and not self._futures:
                 self._idle.set()
 
     def _fail(

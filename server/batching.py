@@ -29,6 +29,13 @@ log = logging.getLogger("loadout.batching")
 _encoder = msgspec.msgpack.Encoder()
 
 
+def _retrieve(future: asyncio.Future[list[bytes]]) -> None:
+    """A late batch's outcome is no longer awaited: read it so asyncio does not
+    log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 class ShardBusy(Exception):
     """The shard's queue is full: the request was not sent."""
 
@@ -67,6 +74,7 @@ class ShardBatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._late: asyncio.Future[list[bytes]] | None = None
         self.batches = 0
         self.requests = 0
 
@@ -104,15 +112,26 @@ class ShardBatcher:
             if not self._items:
                 self._wake.clear()
             self._on_batch(len(items))
+            if self._late is not None:
+                # A timed-out batch may still be running on the shard: the next
+                # one waits for it, or requests on one connection could overtake.
+                await asyncio.wait({self._late}, timeout=self._timeout * 4)
+                self._late = None
+            call: asyncio.Future[list[bytes]] | None = None
             try:
-                ref = self._handle.apply.remote(self._catalog_version(), items)
-                replies: list[bytes] = await asyncio.wait_for(ref, self._timeout)
+                call = asyncio.ensure_future(
+                    self._handle.apply.remote(self._catalog_version(), items)
+                )
+                replies: list[bytes] = await asyncio.wait_for(asyncio.shield(call), self._timeout)
             except asyncio.CancelledError:
                 for (_, request), future in zip(items, futures, strict=True):
                     if not future.done():
                         future.set_result(_unavailable(request.rid, "server shutting down; retry"))
                 raise
             except Exception as exc:
+                if call is not None and not call.done():
+                    self._late = call
+                    call.add_done_callback(_retrieve)
                 # The batch may or may not have run: every mutation carries an
                 # idempotency key (or is naturally idempotent), so a retry is safe.
                 log.warning("shard %d batch of %d failed: %r", self.shard, len(items), exc)

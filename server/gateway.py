@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -128,7 +129,11 @@ class Gateway:
         self._backend = backend
         self._catalog = catalog
         self._limiter = limiter
-        self._identities: dict[int, Identity] = {}
+        #: Identity of each handshake in progress, by connection; weak, so a
+        #: handshake that fails after the token check leaves nothing behind.
+        self._identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = (
+            weakref.WeakKeyDictionary()
+        )
         self.clients: dict[str, set[Client]] = {}
         self.on_connection: Callable[[str], Awaitable[None]] | None = None
         self.on_disconnect: Callable[[str], None] = lambda user: None
@@ -201,7 +206,7 @@ class Gateway:
             response = connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="loadout"'
             return response
-        self._identities[id(connection)] = identity
+        self._identities[connection] = identity
         return None
 
     @staticmethod
@@ -212,7 +217,7 @@ class Gateway:
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
-        identity = self._identities.pop(id(ws))
+        identity = self._identities.pop(ws)
         client = Client(ws, identity, codec_for(ws.subprotocol), self.metrics)
         self._register(client)
         try:

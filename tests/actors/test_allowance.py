@@ -15,8 +15,10 @@ def test_reserve_confirm_release() -> None:
     assert left(s, 3) == 1
     assert reserve(s, "u2/k", 2, 3, 100, "u2", "k") == (False, False)  # sold out
     assert reserve(s, "u1/k", 2, 3, 100, "u1", "k") == (True, False)  # a retry
+    assert reserve(s, "u1/k", 1, 3, 100, "u1", "k") == (False, False)  # not the same request
     assert reserve(s, "u1/k", 2, 3, 200, "u1", "k") == (True, True)  # moves the deadline
     assert s.reservations["u1/k"].deadline == 200
+    assert not release(s, "u1/k", 100)  # an older attempt cannot release the retry's
     assert confirm(s, "u1/k") and not confirm(s, "u1/k")
     assert (s.used, left(s, 3)) == (2, 1)
     assert reserve(s, "u3/k", 1, 3, 100, "u3", "k") == (True, True)
