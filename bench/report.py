@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -18,14 +17,26 @@ __all__ = ["comparison_table", "machine", "merge", "plot", "run_table", "write_j
 PERCENTILES = (50, 95, 99)
 
 
+def _percentiles(samples: list[float], points: list[float]) -> list[float]:
+    """Linear-interpolated percentiles (numpy's default method), in pure Python."""
+    values = sorted(samples)
+    last = len(values) - 1
+    out = []
+    for p in points:
+        rank = p / 100 * last
+        low = int(rank)
+        high = min(low + 1, last)
+        out.append(values[low] + (values[high] - values[low]) * (rank - low))
+    return out
+
+
 def _summary(samples: list[float]) -> dict[str, float | int | None]:
     if not samples:
         return {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
-    values = np.asarray(samples)
     out: dict[str, float | int | None] = {"count": len(samples)}
-    for p in PERCENTILES:
-        out[f"p{p}"] = round(float(np.percentile(values, p)), 3)
-    out["max"] = round(float(values.max()), 3)
+    for p, value in zip(PERCENTILES, _percentiles(samples, list(PERCENTILES)), strict=True):
+        out[f"p{p}"] = round(value, 3)
+    out["max"] = round(max(samples), 3)
     return out
 
 
@@ -34,7 +45,7 @@ def _curve(samples: list[float]) -> list[list[float]]:
     if not samples:
         return []
     points = [0, 10, 25, 50, 75, 90, 95, 98, 99, 99.5, 99.9, 99.95, 99.99, 100]
-    values = np.percentile(np.asarray(samples), points)
+    values = _percentiles(samples, points)
     return [[p, round(float(v), 3)] for p, v in zip(points, values, strict=True)]
 
 
