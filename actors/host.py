@@ -181,6 +181,7 @@ class ShardHost:
             loop.create_task(self._publish_pushes(), name="pushes"),
             loop.create_task(self._passivate_idle(), name="passivation"),
             loop.create_task(self._expire_on_time(), name="expiry"),
+            loop.create_task(self._load_due_expiries(), name="due-expiries"),
             loop.create_task(self._settle_left_behind(), name="settle"),
         ]
         log.info(
@@ -353,6 +354,27 @@ class ShardHost:
         if change is not None:
             self._changed(user_id, state, change, user_pushes(state, change), records, pushes)
 
+    async def _load_due_expiries(self) -> None:
+        """Schedule the expiries of this shard's users due within the next day,
+        resident or not (so a restart loses none), then again every hour."""
+        assert self._pool is not None
+        while True:
+            try:
+                horizon = _now_ms() + 86_400_000
+                for user_id, when in await store.load_due_expiries(self._pool, horizon):
+                    if shard_index(user_id, self.settings.shards) != self.settings.shard:
+                        continue
+                    if ":" in user_id or self._next_due.get(user_id, when + 1) <= when:
+                        continue
+                    self._next_due[user_id] = when
+                    heapq.heappush(self._expiries, (when, user_id))
+                self._expiry_wake.set()
+            except Exception as exc:
+                log.warning("could not load due expiries: %r; retrying", exc)
+                await asyncio.sleep(10)
+                continue
+            await asyncio.sleep(3600)
+
     async def _expire_on_time(self) -> None:
         """Expire items at their time, without waiting for a request: the user
         is activated if needed, the removal journaled and pushed."""
@@ -500,7 +522,7 @@ class ShardHost:
         if held is not None:
             return UserRow(held.version, 0, _allowance_encoder.encode(held.state))
         state = self.users[user_id]
-        return UserRow(state.version, state.balance, state.snapshot())
+        return UserRow(state.version, state.balance, state.snapshot(), next_expiry(state))
 
     def _drop_users(self, user_ids: set[str]) -> None:
         """After a failed flush: forget these users (and allowances); they

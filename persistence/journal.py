@@ -87,6 +87,8 @@ class UserRow(NamedTuple):
     version: int
     balance: int
     state: bytes
+    #: When the user's next time-limited item expires (ms), if any.
+    next_expiry: int | None = None
 
 
 class Journal:
@@ -239,6 +241,7 @@ class Journal:
                 [rows[u].version for u in users],
                 [rows[u].balance for u in users],
                 [rows[u].state for u in users],
+                [rows[u].next_expiry for u in users],
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == "LF001":
@@ -248,7 +251,7 @@ class Journal:
             raise
 
 
-_FLUSH = "SELECT loadout_flush(" + ", ".join(f"${i}" for i in range(1, 23)) + ")"
+_FLUSH = "SELECT loadout_flush(" + ", ".join(f"${i}" for i in range(1, 24)) + ")"
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

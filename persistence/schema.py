@@ -207,6 +207,58 @@ MIGRATIONS: list[str] = [
         FOREIGN KEY (user_id, profile) REFERENCES lock_profiles ON DELETE CASCADE
     );
     """,
+    # 4: when each user's next time-limited item expires, so that a shard
+    # starting up (after a crash or a restart) expires items of users it has
+    # not loaded, without waiting for a request (PROTOCOL.md §10).
+    """
+    ALTER TABLE users ADD COLUMN next_expiry bigint;
+    CREATE INDEX users_next_expiry ON users (next_expiry) WHERE next_expiry IS NOT NULL;
+    DROP FUNCTION loadout_flush(
+        integer, bigint, text[], bigint[], bigint[], text[], text[], bytea[],
+        text[], bigint[], bigint[], text[], bigint[], bigint[], text[], integer[], text[],
+        text[], bigint[], bigint[], bigint[], bytea[]
+    );
+    CREATE FUNCTION loadout_flush(
+        p_shard integer, p_epoch bigint,
+        j_user text[], j_version bigint[], j_at bigint[], j_kind text[], j_key text[],
+        j_change bytea[],
+        l_user text[], l_seq bigint[], l_at bigint[], l_kind text[], l_amount bigint[],
+        l_balance bigint[], l_sku text[], l_quantity integer[], l_key text[],
+        u_user text[], u_base bigint[], u_version bigint[], u_balance bigint[], u_state bytea[],
+        u_next_expiry bigint[]
+    ) RETURNS void LANGUAGE plpgsql AS $$
+    DECLARE
+        owner bigint;
+        moved integer;
+    BEGIN
+        SELECT epoch INTO owner FROM shard_epochs WHERE shard = p_shard FOR SHARE;
+        IF owner IS DISTINCT FROM p_epoch THEN
+            RAISE EXCEPTION 'shard % epoch % was replaced by epoch %', p_shard, p_epoch, owner
+                USING ERRCODE = 'LF001';
+        END IF;
+        INSERT INTO journal (user_id, version, at, kind, key, change)
+            SELECT * FROM unnest(j_user, j_version, j_at, j_kind, j_key, j_change);
+        INSERT INTO ledger (user_id, seq, at, kind, amount, balance, sku, quantity, key)
+            SELECT * FROM unnest(l_user, l_seq, l_at, l_kind, l_amount, l_balance, l_sku,
+                                 l_quantity, l_key);
+        UPDATE users AS u
+           SET version = n.version, balance = n.balance, state = n.state,
+               next_expiry = n.next_expiry, updated_at = now()
+          FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
+               AS n(user_id, base, version, balance, state, next_expiry)
+         WHERE n.base > 0 AND u.user_id = n.user_id AND u.version = n.base;
+        GET DIAGNOSTICS moved = ROW_COUNT;
+        IF moved <> (SELECT count(*) FROM unnest(u_base) AS b WHERE b > 0) THEN
+            RAISE EXCEPTION 'user rows moved under this writer' USING ERRCODE = 'LF002';
+        END IF;
+        INSERT INTO users (user_id, version, balance, state, next_expiry)
+            SELECT n.user_id, n.version, n.balance, n.state, n.next_expiry
+              FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
+                   AS n(user_id, base, version, balance, state, next_expiry)
+             WHERE n.base = 0;
+    END
+    $$;
+    """,
 ]
 
 _LOCK = 0x10AD0_0001

@@ -14,6 +14,7 @@ __all__ = [
     "acquire_epoch",
     "load_catalog",
     "load_changes_by_key",
+    "load_due_expiries",
     "load_ledger",
     "load_retired_items",
     "load_users",
@@ -69,6 +70,19 @@ async def load_users(pool: asyncpg.Pool, user_ids: list[str]) -> dict[str, Store
         user_ids,
     )
     return {r["user_id"]: StoredUser(r["version"], r["balance"], r["state"]) for r in rows}
+
+
+async def load_due_expiries(
+    pool: asyncpg.Pool, before: int, limit: int = 100_000
+) -> list[tuple[str, int]]:
+    """Users whose next time-limited item expires before ``before`` (ms)."""
+    rows = await pool.fetch(
+        "SELECT user_id, next_expiry FROM users WHERE next_expiry < $1"
+        " ORDER BY next_expiry LIMIT $2",
+        before,
+        limit,
+    )
+    return [(r["user_id"], r["next_expiry"]) for r in rows]
 
 
 async def load_changes_by_key(

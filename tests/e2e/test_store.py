@@ -146,3 +146,32 @@ async def test_items_expire_on_time_with_pushes(
         state = await c.request({"type": "state"})
         assert state["inventory"] == [] and state["profiles"][1]["equipped"] == {}
     server.stop()
+
+
+async def test_items_expire_on_time_after_a_crash(
+    fresh_server: ServerProcess, tmp_path: Path
+) -> None:
+    """The shard that starts after a crash expires items of users it has not
+    loaded, without waiting for a request (their next expiry is on the row)."""
+    text = demo_catalog_text() + (
+        '\n[[items]]\nsku = "br.badge.slow"\nname = "Slow Badge"\ngame = "br"\n'
+        'kind = "non_consumable"\nprice = 1\nslot = "badge"\nduration = "15s"\n'
+    )
+    path = tmp_path / "catalog.toml"
+    path.write_text(text)
+    server = fresh_server
+    assert server.cli("catalog", "load", str(path)).returncode == 0
+    server.start()
+    user = new_user()
+    await fund(server, user, 10)
+    async with await Client.open(server, user) as c:
+        bought = await c.request({"type": "purchase", "key": "s", "sku": "br.badge.slow",
+                                  "price": 1})  # fmt: skip
+        assert bought["type"] == "purchased"
+    server.kill()
+    server.start()
+    async with await Client.open(server, user) as c:  # no request: just listen
+        gone = await c.push("inventory", timeout=30, items=[
+            {"sku": "br.badge.slow", "quantity": 0, "expires_at": None}])  # fmt: skip
+        assert gone["version"] == bought["version"] + 1
+    server.stop()
