@@ -110,7 +110,9 @@ class ShardSettings:
 #: quantity, deadline ms, user, idempotency key); op is reserve|confirm|release.
 AllowanceOp = tuple[str, str, str, int, int, str, str]
 #: Calls a shard's ``apply_allowances`` (this one's, or a peer's through Ray).
-AllowanceCaller = Callable[[int, int, list[AllowanceOp]], Awaitable[list[bool]]]
+#: The answer per step is 0 when refused; else 1, or for a reserve the
+#: reservation's deadline (a retry may have moved it later).
+AllowanceCaller = Callable[[int, int, list[AllowanceOp]], Awaitable[list[int]]]
 #: A purchase must be applied this soon after its unit was reserved...
 RESERVATION_MS = 10_000
 #: ...and a reservation left behind is settled only this long after that:
@@ -259,10 +261,13 @@ class ShardHost:
                     settle.append(("release", *op[1:]))
             else:
                 granted = op[0] == "reserve"
+                before = len(records)
                 reply = self._apply_one(user_id, request, now, records, pushes, granted)
                 replies.append(reply)
                 if granted:
                     if not isinstance(reply, bytes):
+                        if len(records) > before:  # the purchase (not a replay): sold
+                            records[-1] = records[-1]._replace(outcome=(op[2], op[4], "sold"))
                         settle.append(("confirm", *op[1:]))
                     elif self._surely_not_applied(user_id, request):
                         settle.append(("release", *op[1:]))
@@ -617,8 +622,11 @@ class ShardHost:
                 for i, _ in items:
                     out[i] = "unavailable"
                 return
-            for (i, op), ok in zip(items, granted, strict=True):
-                out[i] = op if ok else ("refused", *op[1:])
+            for (i, op), answer in zip(items, granted, strict=True):
+                if answer:  # the reservation's own deadline: the one to apply by
+                    out[i] = (op[0], op[1], op[2], op[3], answer, op[5], op[6])
+                else:
+                    out[i] = ("refused", *op[1:])
 
         await asyncio.gather(*(ask(shard, items) for shard, items in wanted.items()))
         return out
@@ -645,7 +653,7 @@ class ShardHost:
 
     async def _call_self(
         self, shard: int, catalog_version: int, ops: list[AllowanceOp]
-    ) -> list[bool]:
+    ) -> list[int]:
         return await asyncio.wait_for(self.apply_allowances(catalog_version, ops), 10)
 
     def _capacity(self, entity: str) -> int:
@@ -656,7 +664,7 @@ class ShardHost:
         promo = self.catalog.promos.get(name)
         return promo.max_uses if promo is not None else 0
 
-    async def apply_allowances(self, catalog_version: int, ops: list[AllowanceOp]) -> list[bool]:
+    async def apply_allowances(self, catalog_version: int, ops: list[AllowanceOp]) -> list[int]:
         """Apply saga steps to allowances hosted here; answer once durable.
 
         Raises ``JournalError`` (the caller answers ``unavailable``) if the
@@ -669,12 +677,12 @@ class ShardHost:
         await self._activate({op[1] for op in ops})
         now = _now_ms()
         records: list[JournalRecord] = []
-        results: list[bool] = []
+        results: list[int] = []
         changed: set[str] = set()
         for op, entity, res, quantity, deadline, user, key in ops:
             held = self.allowances.get(entity)
             if held is None:
-                results.append(False)
+                results.append(0)
                 continue
             if op == "reserve":
                 ok, moved = allowances.reserve(
@@ -683,14 +691,20 @@ class ShardHost:
                 )  # fmt: skip
             elif op == "confirm":
                 ok = moved = allowances.confirm(held.state, res)
-            else:
+            else:  # "release", or "abandon" by the sweeper (recorded as an outcome)
                 ok = moved = allowances.release(held.state, res, deadline)
-            results.append(ok)
+            if ok and op == "reserve":
+                results.append(held.state.reservations[res].deadline)
+            else:
+                results.append(int(ok))
             if moved:
                 held.version += 1
                 body = _allowance_encoder.encode((op, res, quantity, deadline, user, key))
+                outcome = (res, deadline, "released") if op == "abandon" else None
                 records.append(
-                    JournalRecord(entity, held.version, now, "allowance." + op, None, body, None)
+                    JournalRecord(
+                        entity, held.version, now, "allowance." + op, None, body, None, outcome
+                    )
                 )
                 changed.add(entity)
         await self._journal.write(records)
@@ -744,7 +758,7 @@ class ShardHost:
                 }
                 ops: list[AllowanceOp] = [
                     ("confirm" if prints.get((r.user, "p:" + r.key)) == r.fingerprint
-                     else "release", entity, res, r.quantity, r.deadline, r.user, r.key)
+                     else "abandon", entity, res, r.quantity, r.deadline, r.user, r.key)
                     for entity, res, r in stale
                 ]  # fmt: skip
                 await self.apply_allowances(self.catalog.version, ops)

@@ -55,13 +55,13 @@ class ShardActor:
         host = await self._ready()
         return await host.apply_batch(catalog_version, batch)
 
-    async def apply_allowances(self, catalog_version: int, ops: list[AllowanceOp]) -> list[bool]:
+    async def apply_allowances(self, catalog_version: int, ops: list[AllowanceOp]) -> list[int]:
         host = await self._ready()
         return await host.apply_allowances(catalog_version, ops)
 
     async def _call_shard(
         self, shard: int, catalog_version: int, ops: list[AllowanceOp]
-    ) -> list[bool]:
+    ) -> list[int]:
         """A saga step on the shard hosting an allowance: this one directly,
         another through Ray (found by name in this actor's namespace)."""
         if shard == self._shard:
@@ -70,7 +70,7 @@ class ShardActor:
         if peer is None:
             namespace = ray.get_runtime_context().namespace
             peer = self._peers[shard] = ray.get_actor(shard_name(shard), namespace=namespace)
-        result: list[bool] = await asyncio.wait_for(
+        result: list[int] = await asyncio.wait_for(
             peer.apply_allowances.remote(catalog_version, ops), 10
         )
         return result

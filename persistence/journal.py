@@ -75,6 +75,10 @@ class JournalRecord(NamedTuple):
     key: str | None
     change: bytes
     ledger: LedgerRow | None
+    #: How a reservation of a limited item or promo code ended, written with
+    #: this record: (reservation id, its deadline, "sold" or "released").  Both
+    #: cannot commit for one reservation: the second fails the whole flush.
+    outcome: tuple[str, int, str] | None = None
 
 
 class EpochFenced(Fenced):
@@ -228,6 +232,7 @@ class Journal:
         for record in records:
             base.setdefault(record.user_id, record.version - 1)
         ledger = [(r.user_id, *r.ledger) for r in records if r.ledger is not None]
+        outcomes = [r.outcome for r in records if r.outcome is not None]
         users = list(rows)
         try:
             await self._pool.execute(
@@ -242,6 +247,7 @@ class Journal:
                 [rows[u].balance for u in users],
                 [rows[u].state for u in users],
                 [rows[u].next_expiry for u in users],
+                *_columns(outcomes, 3),
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == "LF001":
@@ -251,7 +257,7 @@ class Journal:
             raise
 
 
-_FLUSH = "SELECT loadout_flush(" + ", ".join(f"${i}" for i in range(1, 24)) + ")"
+_FLUSH = "SELECT loadout_flush(" + ", ".join(f"${i}" for i in range(1, 27)) + ")"
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

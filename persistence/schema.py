@@ -259,6 +259,66 @@ MIGRATIONS: list[str] = [
     END
     $$;
     """,
+    # 5: a reservation ends once: sold (with the purchase) or released (by the
+    # sweeper, for a purchase it did not find). Whichever commits second
+    # fails, so a purchase stalled in COMMIT can never outlive its release.
+    """
+    CREATE TABLE reservation_outcomes (
+        res       text NOT NULL,
+        deadline  bigint NOT NULL,
+        outcome   text NOT NULL CHECK (outcome IN ('sold', 'released')),
+        at        timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (res, deadline)
+    );
+    DROP FUNCTION loadout_flush(
+        integer, bigint, text[], bigint[], bigint[], text[], text[], bytea[],
+        text[], bigint[], bigint[], text[], bigint[], bigint[], text[], integer[], text[],
+        text[], bigint[], bigint[], bigint[], bytea[], bigint[]
+    );
+    CREATE FUNCTION loadout_flush(
+        p_shard integer, p_epoch bigint,
+        j_user text[], j_version bigint[], j_at bigint[], j_kind text[], j_key text[],
+        j_change bytea[],
+        l_user text[], l_seq bigint[], l_at bigint[], l_kind text[], l_amount bigint[],
+        l_balance bigint[], l_sku text[], l_quantity integer[], l_key text[],
+        u_user text[], u_base bigint[], u_version bigint[], u_balance bigint[], u_state bytea[],
+        u_next_expiry bigint[],
+        o_res text[], o_deadline bigint[], o_outcome text[]
+    ) RETURNS void LANGUAGE plpgsql AS $$
+    DECLARE
+        owner bigint;
+        moved integer;
+    BEGIN
+        SELECT epoch INTO owner FROM shard_epochs WHERE shard = p_shard FOR SHARE;
+        IF owner IS DISTINCT FROM p_epoch THEN
+            RAISE EXCEPTION 'shard % epoch % was replaced by epoch %', p_shard, p_epoch, owner
+                USING ERRCODE = 'LF001';
+        END IF;
+        INSERT INTO reservation_outcomes (res, deadline, outcome)
+            SELECT * FROM unnest(o_res, o_deadline, o_outcome);
+        INSERT INTO journal (user_id, version, at, kind, key, change)
+            SELECT * FROM unnest(j_user, j_version, j_at, j_kind, j_key, j_change);
+        INSERT INTO ledger (user_id, seq, at, kind, amount, balance, sku, quantity, key)
+            SELECT * FROM unnest(l_user, l_seq, l_at, l_kind, l_amount, l_balance, l_sku,
+                                 l_quantity, l_key);
+        UPDATE users AS u
+           SET version = n.version, balance = n.balance, state = n.state,
+               next_expiry = n.next_expiry, updated_at = now()
+          FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
+               AS n(user_id, base, version, balance, state, next_expiry)
+         WHERE n.base > 0 AND u.user_id = n.user_id AND u.version = n.base;
+        GET DIAGNOSTICS moved = ROW_COUNT;
+        IF moved <> (SELECT count(*) FROM unnest(u_base) AS b WHERE b > 0) THEN
+            RAISE EXCEPTION 'user rows moved under this writer' USING ERRCODE = 'LF002';
+        END IF;
+        INSERT INTO users (user_id, version, balance, state, next_expiry)
+            SELECT n.user_id, n.version, n.balance, n.state, n.next_expiry
+              FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
+                   AS n(user_id, base, version, balance, state, next_expiry)
+             WHERE n.base = 0;
+    END
+    $$;
+    """,
 ]
 
 _LOCK = 0x10AD0_0001

@@ -261,3 +261,22 @@ async def test_a_failing_snapshot_fails_its_flush_and_the_journal_goes_on(
     assert await stored(pool, b) == ([1], [(1, 5, 5)], (1, 5, b"%s@1" % b.encode()))
     assert await stored(pool, a) == ([], [], None)
     assert await stored(pool, ghost) == ([], [], None)
+
+
+async def test_a_reservation_is_sold_or_released_never_both(
+    pool: asyncpg.Pool, shard: Shard
+) -> None:
+    """Migration 5: whichever outcome of a reservation commits second fails
+    its whole flush (a purchase stalled in COMMIT cannot outlive a release)."""
+    buyer, stock = shard.user("buyer"), shard.user("stock")
+    sold = shard.record(buyer, 1, 10)._replace(outcome=("u/k/f", 5, "sold"))
+    await settle(shard.journal.write([sold]))
+    released = shard.record(stock, 1, 0)._replace(outcome=("u/k/f", 5, "released"))
+    with pytest.raises(Fenced):
+        await settle(shard.journal.write([released]))
+    assert (await stored(pool, stock))[0] == []
+    later = shard.record(stock, 1, 0)._replace(outcome=("u/k/f", 6, "released"))
+    await settle(shard.journal.write([later]))  # a later reservation of the retry: its own
+    outcomes = await pool.fetch("SELECT deadline, outcome FROM reservation_outcomes WHERE res = $1",
+                                "u/k/f")  # fmt: skip
+    assert sorted((r["deadline"], r["outcome"]) for r in outcomes) == [(5, "sold"), (6, "released")]
