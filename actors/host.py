@@ -45,6 +45,7 @@ from actors.user import (
 from actors.user import pushes as user_pushes
 from persistence import store
 from persistence.journal import Journal, JournalError, JournalRecord, LedgerRow, UserRow
+from persistence.publisher import PushPublisher
 from protocol.errors import ErrorCode, RequestError
 from protocol.messages import (
     Error,
@@ -152,13 +153,12 @@ class ShardHost:
         self._pool: asyncpg.Pool | None = None
         self._redis: aioredis.Redis | None = None
         self._journal: Journal | None = None
-        self._pushes: asyncio.Queue[list[tuple[str, bytes]]] | None = None
+        self._pushes: PushPublisher | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._encoder = msgspec.msgpack.Encoder()
         self.epoch = 0
         self.activations = 0
         self.passivations = 0
-        self.dropped_pushes = 0
 
     # ------------------------------------------------------------------ life
 
@@ -177,10 +177,10 @@ class ShardHost:
             interval=s.flush_interval,
         )
         self._journal.start()
-        self._pushes = asyncio.Queue(s.push_queue)
+        self._pushes = PushPublisher(self._redis, s.push_queue)
+        self._pushes.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._publish_pushes(), name="pushes"),
             loop.create_task(self._passivate_idle(), name="passivation"),
             loop.create_task(self._expire_on_time(), name="expiry"),
             loop.create_task(self._load_due_expiries(), name="due-expiries"),
@@ -195,8 +195,7 @@ class ShardHost:
         if self._journal is not None:
             await self._journal.close()
         if self._pushes is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._pushes.join(), 5)
+            await self._pushes.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -220,7 +219,7 @@ class ShardHost:
             "flushes": journal.flushes if journal else 0,
             "flushed_records": journal.flushed_records if journal else 0,
             "fenced": journal.fenced if journal else False,
-            "dropped_pushes": self.dropped_pushes,
+            "dropped_pushes": self._pushes.dropped if self._pushes else 0,
         }
 
     # ----------------------------------------------------------------- batch
@@ -417,12 +416,8 @@ class ShardHost:
     ) -> None:
         assert self._journal is not None
         await self._journal.write(records)
-        if pushes and self._pushes is not None:
-            try:
-                self._pushes.put_nowait(pushes)
-            except asyncio.QueueFull:
-                self.dropped_pushes += len(pushes)
-                log.warning("push queue full: dropped %d pushes", len(pushes))
+        if self._pushes is not None:
+            self._pushes.publish(pushes)
 
     def _record(self, user_id: str, change: Change) -> JournalRecord:
         entry = change.ledger
@@ -787,27 +782,6 @@ class ShardHost:
         wanted = page.request.limit + 1 - len(page.entries)
         rows = await store.load_ledger(self._pool, user_id, page.bound, wanted)
         return _page(page.request, page.entries + [LedgerEntry(**dict(r)) for r in rows])
-
-    # ----------------------------------------------------------------- pushes
-
-    async def _publish_pushes(self) -> None:
-        """Publish pushes in order, pipelined, after their changes are durable."""
-        assert self._pushes is not None and self._redis is not None
-        while True:
-            pushes = await self._pushes.get()
-            try:
-                while not self._pushes.empty() and len(pushes) < 5000:
-                    pushes.extend(self._pushes.get_nowait())
-                    self._pushes.task_done()
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for channel, payload in pushes:
-                        pipe.publish(channel, payload)
-                    await pipe.execute()
-            except Exception as exc:  # Redis down: pushes are lost, state is not
-                self.dropped_pushes += len(pushes)
-                log.warning("could not publish %d pushes: %r", len(pushes), exc)
-            finally:
-                self._pushes.task_done()
 
 
 @dataclass

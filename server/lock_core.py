@@ -38,6 +38,7 @@ import redis.asyncio as aioredis
 from actors.catalog import Catalog
 from actors.host import user_channel
 from persistence import store
+from persistence.publisher import PushPublisher
 from protocol.errors import ErrorCode, RequestError
 from protocol.messages import (
     MAX_GEMS,
@@ -96,18 +97,14 @@ class LockBackend:
         self._pending: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._pushes: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue(push_queue)
-        self._publisher: asyncio.Task[None] | None = None
+        self._pushes = PushPublisher(redis, push_queue)
         self._encoder = msgspec.msgpack.Encoder()
-        self.dropped_pushes = 0
 
     async def start(self) -> None:
         self._pool = await store.open_pool(
             self._database_url, min_size=self._pool_size, max_size=self._pool_size
         )
-        self._publisher = asyncio.get_running_loop().create_task(
-            self._publish_pushes(), name="lock-pushes"
-        )
+        self._pushes.start()
 
     # --------------------------------------------------------------- Backend
 
@@ -132,12 +129,7 @@ class LockBackend:
     async def close(self) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drain(), 20)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._pushes.join(), 5)
-        if self._publisher is not None:
-            self._publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._publisher
+        await self._pushes.close()
         if self._pool is not None:
             await self._pool.close()
 
@@ -164,10 +156,7 @@ class LockBackend:
             future.set_result(data)
         if pushes:
             channel = user_channel(user_id)
-            try:
-                self._pushes.put_nowait([(channel, self._encoder.encode(p)) for p in pushes])
-            except asyncio.QueueFull:
-                self.dropped_pushes += len(pushes)
+            self._pushes.publish([(channel, self._encoder.encode(p)) for p in pushes])
 
     async def _handle(self, user_id: str, request: object, pushes: list[ServerMessage]) -> Reply:
         assert self._pool is not None
@@ -443,27 +432,6 @@ class LockBackend:
                 ProfileView(r["profile"], r["game"], slots.get(r["profile"], {})) for r in profiles
             ],
         )
-
-    # ----------------------------------------------------------------- pushes
-
-    async def _publish_pushes(self) -> None:
-        """Publish pushes in order, pipelined, after their transactions committed
-        (the same way the actor core's shards do, so push latency compares)."""
-        while True:
-            pushes = await self._pushes.get()
-            try:
-                while not self._pushes.empty() and len(pushes) < 5000:
-                    pushes.extend(self._pushes.get_nowait())
-                    self._pushes.task_done()
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for channel, payload in pushes:
-                        pipe.publish(channel, payload)
-                    await pipe.execute()
-            except Exception as exc:  # Redis down: pushes are lost, state is not
-                self.dropped_pushes += len(pushes)
-                log.warning("could not publish %d pushes: %r", len(pushes), exc)
-            finally:
-                self._pushes.task_done()
 
 
 async def _bump(con: asyncpg.Connection, user_id: str, version: int) -> None:

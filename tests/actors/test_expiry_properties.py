@@ -75,12 +75,12 @@ def test_expiry_invariants(ops: list[tuple[str, object]]) -> None:
             assert out.change is not None
             changes.append(out.change)
             after = state.inventory[item.sku]
-            duration = item.duration_ms
-            assert duration is not None and after.expires_at is not None
+            lifetime = item.duration_ms
+            assert lifetime is not None and after.expires_at is not None
             if expiry_before is not None:
-                assert after.expires_at == expiry_before + duration  # extended
+                assert after.expires_at == expiry_before + lifetime  # extended
             else:
-                assert after.expires_at == now + duration
+                assert after.expires_at == now + lifetime
         elif op == "equip":
             item = CATALOG.items[str(arg)]
             if state.profiles["main"].game is None and item.game is not None:
