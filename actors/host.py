@@ -189,6 +189,7 @@ class ShardHost:
         log.info(
             "shard %d started with epoch %d, catalog v%d", s.shard, self.epoch, self.catalog.version
         )
+        self._background(self._announce_all_stock())
 
     async def close(self) -> None:
         """Flush the journal and the pushes, then release connections."""
@@ -196,9 +197,10 @@ class ShardHost:
             await self._journal.close()
         if self._pushes is not None:
             await self._pushes.close()
-        for task in self._tasks:
+        tasks = list(self._tasks)  # background tasks remove themselves when done
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._redis is not None:
@@ -229,6 +231,25 @@ class ShardHost:
         catalog = await load_live_catalog(self._pool)
         if catalog.version > self.catalog.version:  # two reloads may finish out of order
             self.catalog = catalog
+            self._background(self._announce_all_stock())
+
+    async def _announce_all_stock(self) -> None:
+        """Announce what is left of every limited item hosted here: at start and
+        when a catalog (which may change a ``stock``) goes live."""
+        ids = {
+            allowance_id("stock", sku)
+            for sku, item in self.catalog.items.items()
+            if item.stock is not None
+            and shard_index(allowance_id("stock", sku), self.settings.shards) == self.settings.shard
+        }
+        if not ids:
+            return
+        try:
+            await self._activate(ids)
+        except Exception as exc:
+            log.warning("could not load the stock of limited items: %r", exc)
+            return
+        await self._announce_stock([i.partition(":")[2] for i in ids])
 
     async def apply_batch(self, catalog_version: int, batch: list[BatchItem]) -> list[bytes]:
         """Apply a batch in order; reply (msgpack, one per item) once durable."""

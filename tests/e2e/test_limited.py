@@ -95,6 +95,21 @@ async def test_stock_survives_a_crash_of_its_shard(
                 break
             await asyncio.sleep(0.1)
         assert item["stock_left"] == 0
+        # More stock in a new catalog version: sold units stay counted.
+        path = tmp_path / "more.toml"
+        path.write_text((demo_catalog_text() + EXTRA).replace("stock = 50", "stock = 60"))
+        assert server.cli("catalog", "load", str(path)).returncode == 0
+        await clients[0].push("catalog_changed", timeout=20)
+        async with await Client.open(server, new_user("late")) as late:
+            again = await late.request({**buy, "key": "late"})
+            assert again["type"] == "purchased", again
+            for _ in range(50):
+                page = await late.request({"type": "catalog", "limit": 200})
+                item = next(i for i in page["items"] if i["sku"] == "lim.skin")
+                if item["stock_left"] == 9:
+                    break
+                await asyncio.sleep(0.1)
+            assert item["stock_left"] == 9
     finally:
         for c in clients:
             await c.close()
