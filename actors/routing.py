@@ -1,0 +1,37 @@
+"""Where things live: the shard of a user or allowance, and the Redis names
+every process agrees on."""
+
+from __future__ import annotations
+
+import hashlib
+
+__all__ = [
+    "STOCK_LEFT_KEY",
+    "catalog_channel",
+    "shard_index",
+    "stock_channel",
+    "user_channel",
+]
+
+
+def shard_index(entity_id: str, shards: int) -> int:
+    """The shard of a user or allowance: stable across processes."""
+    digest = hashlib.blake2b(entity_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
+def user_channel(user_id: str) -> str:
+    return "loadout:user:" + user_id
+
+
+def catalog_channel() -> str:
+    return "loadout:catalog"
+
+
+def stock_channel() -> str:
+    """Announces ``[sku, units left]`` (msgpack) when a limited item's stock moves."""
+    return "loadout:stock"
+
+
+#: Redis hash sku -> units left, for gateways that start after the last change.
+STOCK_LEFT_KEY = "loadout:stock-left"
