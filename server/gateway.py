@@ -1,13 +1,25 @@
 """The WebSocket gateway (PROTOCOL.md §1-§6).
 
-Each connection runs a reader and a writer task; the survivor is cancelled
-when either ends.  The reader decodes a frame, checks the rate limit and the
-token's role, and routes the request: ``catalog`` is answered here, anything
-about a user goes to that user's shard through its batcher.  Replies and
-pushes go through a bounded send queue: a client that stops reading is
-disconnected, not buffered without end.  A connection also has a bounded
-number of requests in flight; past it, the reader stops reading, and TCP
-pushes back on the client.
+The gateway serves WebSockets with picows, whose framing, masking and HTTP
+handshake run in compiled code: on this path Python's websockets library cost
+more CPU than everything behind the gateway (BENCHMARKS.md, "Where the time
+goes").  picows calls us back once per frame, so a connection is a listener
+object, not a pair of tasks:
+
+* ``on_ws_frame`` decodes the frame, checks the rate limit and the token's
+  role, and routes the request: ``catalog`` and ``categories`` are answered
+  here, anything about a user goes to that user's shard through its batcher.
+  When the shard's reply arrives, a callback writes it to the socket.
+* A connection has a bounded number of requests in flight; past it, frames
+  wait in the connection's ``held`` queue and the gateway stops reading the
+  socket, so TCP pushes back on the client.  The queue holds at most what one
+  socket read brought in.
+* Writes go straight to the socket.  A client that stops reading while its
+  unsent bytes pass a bound is closed with 1008, not buffered without end.
+
+The handshake checks the path, the token (HTTP 401 without a good one) and
+the connection limit (503), and picks the subprotocol; ``/healthz`` and
+``/metrics`` are answered as plain HTTP on the same port.
 """
 
 from __future__ import annotations
@@ -16,18 +28,23 @@ import asyncio
 import contextlib
 import logging
 import time
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
+)
 
 from actors.catalog import Catalog
 from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, Codec, codec_for
@@ -58,6 +75,7 @@ __all__ = ["Gateway", "GatewayLimits"]
 log = logging.getLogger("loadout.gateway")
 
 MAX_FRAME = 64 * 1024
+_SUBPROTOCOLS = (JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL)
 _msgpack_any = msgspec.msgpack.Decoder()
 _json = msgspec.json.Encoder()
 
@@ -73,41 +91,173 @@ _outcome = msgspec.msgpack.Decoder(_Outcome)
 
 
 class GatewayLimits:
-    in_flight = 256  # requests per connection awaiting a reply
-    send_queue = 1024  # frames per connection waiting to be written
+    in_flight = 256  # requests per connection awaiting a reply; then stop reading
+    send_buffer = 1024 * 1024  # unsent bytes per connection; then close 1008
     bad_frames = 10  # per minute, then close 1008
     bad_frame_window = 60.0
-
-
-class Client:
-    """One open connection."""
-
-    __slots__ = ("bad", "codec", "identity", "in_flight", "metrics", "outbox", "watched", "ws")
-
-    def __init__(
-        self, ws: ServerConnection, identity: Identity, codec: Codec, metrics: Metrics
-    ) -> None:
-        self.ws = ws
-        self.metrics = metrics
-        self.identity = identity
-        self.codec = codec
-        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(GatewayLimits.send_queue)
-        self.in_flight = asyncio.Semaphore(GatewayLimits.in_flight)
-        self.bad: deque[float] = deque()
-        self.watched = False
-
-    def send(self, data: bytes) -> None:
-        try:
-            self.outbox.put_nowait(data)
-        except asyncio.QueueFull:
-            log.warning("closing %s: not reading (send queue full)", self.identity.user)
-            self.metrics.disconnects.labels("not_reading").inc()
-            asyncio.get_running_loop().create_task(self.ws.close(1008, "not reading"))
+    handshake_timeout = 10.0
+    ping_interval = 20.0  # an idle connection is pinged; no pong in time closes it
 
 
 def _transcode(data: bytes) -> bytes:
     """A shard's MessagePack reply or push as JSON."""
     return _json.encode(_msgpack_any.decode(data))
+
+
+class Client(WSListener):
+    """One open connection: picows calls it back for every frame."""
+
+    def __init__(self, gateway: Gateway, identity: Identity, codec: Codec) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.identity = identity
+        self.codec = codec
+        self.frame_type = WSMsgType.BINARY if codec.binary else WSMsgType.TEXT
+        self.transport: WSTransport | None = None
+        self.in_flight = 0
+        #: Frames not yet dispatched: before the welcome (the push subscription
+        #: comes first) or past the in-flight limit.  Reading stops meanwhile.
+        self.held: deque[bytes | str] = deque()
+        self.ready = False
+        self.releasing = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.closing = False
+        #: A message arriving in several frames: its kind and its parts so far.
+        self.parts: list[bytes] = []
+        self.parts_kind = WSMsgType.CONTINUATION
+        self.bad: deque[float] = deque()
+        self.watched = False
+        self.setup: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------- picows callbacks
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self.gateway._connected(self)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closing = True
+        if self.setup is not None:
+            self.setup.cancel()
+        self.gateway._disconnected(self)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+            return
+        if kind is WSMsgType.PONG or kind is WSMsgType.PING:
+            return  # picows answers pings itself
+        if kind is WSMsgType.CONTINUATION or not frame.fin:
+            data = self._assemble(kind, frame)
+            if data is None:
+                return
+            kind, payload = data
+        else:
+            payload = frame.get_payload_as_bytes()
+        if kind is WSMsgType.TEXT:
+            try:
+                message: bytes | str = payload.decode()
+            except UnicodeDecodeError:
+                return self.close(WSCloseCode.INVALID_TEXT, "text frame is not UTF-8")
+        else:
+            message = payload
+        if self.held or not self.ready or self.in_flight >= GatewayLimits.in_flight:
+            self.held.append(message)
+            self._pause_reading()
+            return
+        self.gateway._receive(self, message)
+
+    def _assemble(self, kind: WSMsgType, frame: WSFrame) -> tuple[WSMsgType, bytes] | None:
+        """Collect a fragmented message (RFC 6455 §5.4); the whole when complete."""
+        if kind is not WSMsgType.CONTINUATION:
+            if self.parts_kind is not WSMsgType.CONTINUATION:
+                self.close(WSCloseCode.PROTOCOL_ERROR, "new message inside a fragmented one")
+                return None
+            self.parts_kind = kind
+        elif self.parts_kind is WSMsgType.CONTINUATION:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "continuation of no message")
+            return None
+        self.parts.append(frame.get_payload_as_bytes())
+        if sum(len(part) for part in self.parts) > MAX_FRAME:
+            self.close(WSCloseCode.MESSAGE_TOO_BIG, "message over 64 KiB")
+            return None
+        if not frame.fin:
+            return None
+        whole, kind = b"".join(self.parts), self.parts_kind
+        self.parts, self.parts_kind = [], WSMsgType.CONTINUATION
+        return kind, whole
+
+    # ----------------------------------------------------------------- output
+
+    def send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        if (
+            self.writing_paused
+            and transport.underlying_transport.get_write_buffer_size() > GatewayLimits.send_buffer
+        ):
+            log.warning("closing %s: not reading (send buffer full)", self.identity.user)
+            self.gateway.metrics.disconnects.labels("not_reading").inc()
+            # The close frame would queue behind what the client does not read.
+            self.closing = True
+            transport.disconnect(graceful=False)
+            return
+        transport.send(self.frame_type, data)
+
+    def close(self, code: WSCloseCode, reason: str) -> None:
+        """Send a close frame and hang up once it is written."""
+        if self.transport is None or self.closing:
+            return
+        self.closing = True
+        self.transport.send_close(code, reason.encode())
+        self.transport.disconnect()
+
+    # ----------------------------------------------------------- flow control
+
+    def took(self) -> None:
+        self.in_flight += 1
+        if self.in_flight >= GatewayLimits.in_flight:
+            self._pause_reading()
+
+    def answered(self) -> None:
+        self.in_flight -= 1
+        if self.held:
+            self.release()
+        elif self.reading_paused and self.in_flight < GatewayLimits.in_flight // 2:
+            self._resume_reading()
+
+    def release(self) -> None:
+        """Dispatch held frames, in order, while the in-flight limit allows."""
+        if self.releasing or not self.ready:
+            return  # the loop below is already running, further up the stack
+        self.releasing = True
+        try:
+            while self.held and self.in_flight < GatewayLimits.in_flight and not self.closing:
+                self.gateway._receive(self, self.held.popleft())
+        finally:
+            self.releasing = False
+        if not self.held and self.in_flight < GatewayLimits.in_flight:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closing:
+            self.reading_paused = True
+            self.transport.underlying_transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closing:
+            self.reading_paused = False
+            self.transport.underlying_transport.resume_reading()
 
 
 class Gateway:
@@ -129,73 +279,73 @@ class Gateway:
         self._backend = backend
         self._catalog = catalog
         self._limiter = limiter
-        #: Identity of each handshake in progress, by connection; weak, so a
-        #: handshake that fails after the token check leaves nothing behind.
-        self._identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = (
-            weakref.WeakKeyDictionary()
-        )
         self.clients: dict[str, set[Client]] = {}
         self.on_connection: Callable[[str], Awaitable[None]] | None = None
         self.on_disconnect: Callable[[str], None] = lambda user: None
-        self._server: Server | None = None
+        self._server: asyncio.Server | None = None
+        self._all: set[Client] = set()
         self.draining = False
 
     # --------------------------------------------------------------- serving
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> Server:
-        self._server = await serve(
-            self._handle,
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
+        self._server = await ws_create_server(
+            self._upgrade,
             host,
             port,
-            process_request=self._process_request,
-            select_subprotocol=self._select_subprotocol,
-            subprotocols=[JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL],  # type: ignore[list-item]
-            max_size=MAX_FRAME,
-            compression=None,  # small frames: deflate costs more CPU than it saves
-            max_queue=64,
-            write_limit=256 * 1024,
-            ping_interval=20,
-            ping_timeout=20,
-            close_timeout=5,
+            websocket_handshake_timeout=GatewayLimits.handshake_timeout,
+            enable_auto_ping=True,
+            auto_ping_idle_timeout=GatewayLimits.ping_interval,
+            auto_ping_reply_timeout=GatewayLimits.ping_interval,
+            max_frame_size=MAX_FRAME,
             reuse_port=reuse_port,
+            logger_name="loadout.ws",
         )
         return self._server
 
     @property
     def port(self) -> int:
         assert self._server is not None
-        port: int = next(iter(self._server.sockets)).getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
         return port
 
     async def stop_accepting(self) -> None:
         if self._server is not None:
-            self._server.close(close_connections=False)
+            self._server.close()
         self.draining = True
 
     async def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
-        """Let send queues empty (briefly), then close every connection."""
-        clients = [c for group in self.clients.values() for c in group]
+        """Close every connection once what was sent to it is written (briefly)."""
+        clients = list(self._all)
+        for client in clients:
+            client.close(WSCloseCode(code), reason)
+        waits = [c.transport.wait_disconnected() for c in clients if c.transport is not None]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(c.outbox.join() for c in clients)), 5)
-        await asyncio.gather(*(c.ws.close(code, reason) for c in clients), return_exceptions=True)
+            await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), 5)
+        for client in clients:  # whoever did not finish in time
+            if client.transport is not None:
+                client.transport.disconnect(graceful=False)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 10)
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        url = urlsplit(request.path)
+    def _upgrade(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
+        """Route an HTTP request: a WebSocket for a good token, else a response."""
+        url = urlsplit(request.path.decode("latin-1"))
         if url.path == "/healthz":
-            return connection.respond(HTTPStatus.OK, "ok\n")
+            return _plain(WSUpgradeResponse.create_ok_response(b"ok\n"))
         if url.path == "/metrics":
-            return connection.respond(HTTPStatus.OK, self.metrics.render().decode())
+            body = self.metrics.render()
+            content_type = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+            return _plain(WSUpgradeResponse.create_ok_response(body, content_type))
         if url.path != "/v1/ws":
-            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+            return _error(HTTPStatus.NOT_FOUND, "not found")
         if self.draining:
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
-        if self.connections + len(self._identities) >= self._max_connections:
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down")
+        if self.connections >= self._max_connections:
             log.warning("refused a connection: %d open (the limit)", self.connections)
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
-        token = _bearer(request.headers)
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections")
+        token = _bearer(request.headers.get("Authorization"))
         if token is None:
             tokens = parse_qs(url.query).get("token")
             token = tokens[0] if tokens else None
@@ -203,63 +353,49 @@ class Gateway:
             identity = verify_token(self._secret, token or "")
         except AuthError as exc:
             log.info("refused a handshake: %s", exc)
-            response = connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="loadout"'
-            return response
-        self._identities[connection] = identity
-        return None
+            challenge = {"WWW-Authenticate": 'Bearer realm="loadout"'}
+            return _error(HTTPStatus.UNAUTHORIZED, "unauthorized", challenge)
+        subprotocol = _pick_subprotocol(request.headers.getall("Sec-WebSocket-Protocol", []))
+        headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
+        client = Client(self, identity, codec_for(subprotocol))
+        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), client)
 
-    @staticmethod
-    def _select_subprotocol(connection: ServerConnection, offered: Any) -> Any:
-        for name in offered:
-            if name in (JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL):
-                return name
-        return None
+    # ------------------------------------------------------------ connections
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        identity = self._identities.pop(ws)
-        client = Client(ws, identity, codec_for(ws.subprotocol), self.metrics)
-        self._register(client)
-        try:
-            if self.on_connection is not None:
-                try:
-                    await self.on_connection(identity.user)
-                except Exception as exc:
-                    log.error("no push subscription for %s: %r", identity.user, exc)
-                    await ws.close(1011, "pushes unavailable; reconnect")
-                    return
-                finally:
-                    # Balanced in _unregister whatever happened above.
-                    client.watched = True
-            welcome = Welcome(
-                user=identity.user,
-                role=identity.role,
-                protocol=PROTOCOL_VERSION,
-                server_time=time.time_ns() // 1_000_000,
-            )
-            client.send(client.codec.encode(welcome))
-            reader = asyncio.create_task(self._read(client))
-            writer = asyncio.create_task(self._write(client))
-            done, pending = await asyncio.wait(
-                {reader, writer}, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in pending:
-                task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            for task in done:
-                if task.exception() is not None:
-                    log.error("connection of %s failed", identity.user, exc_info=task.exception())
-        finally:
-            self._unregister(client)
-
-    def _register(self, client: Client) -> None:
+    def _connected(self, client: Client) -> None:
         self.clients.setdefault(client.identity.user, set()).add(client)
+        self._all.add(client)
         self.connections += 1
         self.metrics.connections.inc()
+        client.setup = asyncio.get_running_loop().create_task(self._welcome(client))
 
-    def _unregister(self, client: Client) -> None:
+    async def _welcome(self, client: Client) -> None:
+        """Subscribe to the user's pushes, then greet; frames sent before wait."""
+        identity = client.identity
+        if self.on_connection is not None:
+            try:
+                client.watched = True  # balanced in _disconnected whatever happens
+                await self.on_connection(identity.user)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("no push subscription for %s: %r", identity.user, exc)
+                client.close(WSCloseCode.INTERNAL_ERROR, "pushes unavailable; reconnect")
+                return
+        welcome = Welcome(
+            user=identity.user,
+            role=identity.role,
+            protocol=PROTOCOL_VERSION,
+            server_time=time.time_ns() // 1_000_000,
+        )
+        client.send(client.codec.encode(welcome))
+        client.ready = True
+        client.release()
+
+    def _disconnected(self, client: Client) -> None:
+        if client not in self._all:
+            return
+        self._all.discard(client)
         self.connections -= 1
         self.metrics.connections.dec()
         if client.watched:
@@ -271,32 +407,19 @@ class Gateway:
         if not group:
             del self.clients[client.identity.user]
 
-    async def _write(self, client: Client) -> None:
-        text = not client.codec.binary
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                data = await client.outbox.get()
-                try:
-                    await client.ws.send(data, text=text)
-                finally:
-                    client.outbox.task_done()
-
-    async def _read(self, client: Client) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for frame in client.ws:
-                await client.in_flight.acquire()
-                try:
-                    self._dispatch(client, frame)
-                except Exception:
-                    client.in_flight.release()
-                    log.exception("bug while dispatching a request of %s", client.identity.user)
-                    error = RequestError(ErrorCode.INTERNAL, "internal error")
-                    client.send(client.codec.encode_error(None, error))
+    def _receive(self, client: Client, message: bytes | str) -> None:
+        client.took()
+        try:
+            self._dispatch(client, message)
+        except Exception:
+            log.exception("bug while dispatching a request of %s", client.identity.user)
+            error = RequestError(ErrorCode.INTERNAL, "internal error")
+            self._reply_now(client, client.codec.encode_error(None, error))
 
     # --------------------------------------------------------------- routing
 
     def _reply_now(self, client: Client, data: bytes) -> None:
-        client.in_flight.release()
+        client.answered()
         client.send(data)
 
     def _refuse(
@@ -386,7 +509,7 @@ class Gateway:
         if len(client.bad) > GatewayLimits.bad_frames:
             log.info("closing %s: too many bad frames", client.identity.user)
             self.metrics.disconnects.labels("bad_frames").inc()
-            asyncio.get_running_loop().create_task(client.ws.close(1008, "too many bad frames"))
+            client.close(WSCloseCode.POLICY_VIOLATION, "too many bad frames")
 
     # ----------------------------------------------------------------- pushes
 
@@ -407,19 +530,37 @@ class Gateway:
 
     def broadcast_catalog_changed(self, version: int) -> None:
         message = CatalogChanged(version=version)
-        encoded = {c: codec_for(c).encode(message) for c in (JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL)}
-        for group in self.clients.values():
-            for client in list(group):
-                client.send(encoded[client.codec.subprotocol])
+        encoded = {c: codec_for(c).encode(message) for c in _SUBPROTOCOLS}
+        for client in list(self._all):
+            client.send(encoded[client.codec.subprotocol])
 
 
 def _forbidden(what: str) -> RequestError:
     return RequestError(ErrorCode.FORBIDDEN, f"this token's role may not {what}")
 
 
-def _bearer(headers: Headers) -> str | None:
-    value = headers.get("Authorization")
+def _bearer(value: str | None) -> str | None:
     if value is None:
         return None
     scheme, _, token = value.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _pick_subprotocol(offers: list[str]) -> str | None:
+    """The first subprotocol the client offers that we speak (JSON without one)."""
+    for header in offers:
+        for name in header.split(","):
+            if name.strip() in _SUBPROTOCOLS:
+                return name.strip()
+    return None
+
+
+def _plain(response: WSUpgradeResponse) -> WSUpgradeResponseWithListener:
+    return WSUpgradeResponseWithListener(response, None)
+
+
+def _error(
+    status: HTTPStatus, text: str, headers: dict[str, str] | None = None
+) -> WSUpgradeResponseWithListener:
+    response = WSUpgradeResponse.create_error_response(status, f"{text}\n".encode(), headers)
+    return _plain(response)
