@@ -99,6 +99,15 @@ class GatewayLimits:
     ping_interval = 20.0  # an idle connection is pinged; no pong in time closes it
 
 
+def _frame_header(opcode: int, size: int) -> bytes:
+    """The header of an unmasked, unfragmented server frame (RFC 6455 §5.2)."""
+    if size < 126:
+        return bytes((0x80 | opcode, size))
+    if size < 65536:
+        return bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big")
+    return bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big")
+
+
 def _transcode(data: bytes) -> bytes:
     """A shard's MessagePack reply or push as JSON."""
     return _json.encode(_msgpack_any.decode(data))
@@ -112,7 +121,9 @@ class Client(WSListener):
         self.gateway = gateway
         self.identity = identity
         self.codec = codec
-        self.frame_type = WSMsgType.BINARY if codec.binary else WSMsgType.TEXT
+        self.opcode = (WSMsgType.BINARY if codec.binary else WSMsgType.TEXT).value
+        #: Frames (headers and payloads) waiting for this loop turn's flush.
+        self.unsent: list[bytes] = []
         self.transport: WSTransport | None = None
         self.in_flight = 0
         #: Frames not yet dispatched: before the welcome (the push subscription
@@ -151,6 +162,8 @@ class Client(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
         if kind is WSMsgType.CLOSE:
+            self.flush()
+            self.closing = True
             transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
             return
@@ -199,25 +212,37 @@ class Client(WSListener):
     # ----------------------------------------------------------------- output
 
     def send(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or self.closing:
+        """Queue a whole message; it is written with the others at ``flush``."""
+        if self.transport is None or self.closing:
             return
-        if (
-            self.writing_paused
-            and transport.underlying_transport.get_write_buffer_size() > GatewayLimits.send_buffer
-        ):
+        if not self.unsent:
+            self.gateway._flush_soon(self)
+        self.unsent.append(_frame_header(self.opcode, len(data)))
+        self.unsent.append(data)
+
+    def flush(self) -> None:
+        """Write the queued messages in one go: one system call, not one each."""
+        transport, unsent = self.transport, self.unsent
+        if not unsent or transport is None or self.closing:
+            unsent.clear()
+            return
+        data = b"".join(unsent)
+        unsent.clear()
+        socket = transport.underlying_transport
+        if self.writing_paused and socket.get_write_buffer_size() > GatewayLimits.send_buffer:
             log.warning("closing %s: not reading (send buffer full)", self.identity.user)
             self.gateway.metrics.disconnects.labels("not_reading").inc()
             # The close frame would queue behind what the client does not read.
             self.closing = True
             transport.disconnect(graceful=False)
             return
-        transport.send(self.frame_type, data)
+        socket.write(data)
 
     def close(self, code: WSCloseCode, reason: str) -> None:
-        """Send a close frame and hang up once it is written."""
+        """Send what is queued and a close frame; hang up once they are written."""
         if self.transport is None or self.closing:
             return
+        self.flush()
         self.closing = True
         self.transport.send_close(code, reason.encode())
         self.transport.disconnect()
@@ -284,6 +309,7 @@ class Gateway:
         self.on_disconnect: Callable[[str], None] = lambda user: None
         self._server: asyncio.Server | None = None
         self._all: set[Client] = set()
+        self._unflushed: list[Client] = []
         self.draining = False
 
     # --------------------------------------------------------------- serving
@@ -362,6 +388,19 @@ class Gateway:
 
     # ------------------------------------------------------------ connections
 
+    def _flush_soon(self, client: Client) -> None:
+        """Flush ``client`` at the end of this loop turn, with every other one
+        that got messages in it (replies of one shard batch, pushes of one
+        Redis read)."""
+        if not self._unflushed:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._unflushed.append(client)
+
+    def _flush(self) -> None:
+        clients, self._unflushed = self._unflushed, []
+        for client in clients:
+            client.flush()
+
     def _connected(self, client: Client) -> None:
         self.clients.setdefault(client.identity.user, set()).add(client)
         self._all.add(client)
@@ -425,7 +464,7 @@ class Gateway:
     def _refuse(
         self, client: Client, rid: str | int | None, error: RequestError, kind: str = "unknown"
     ) -> None:
-        self.metrics.requests.labels(kind, error.code.value).inc()
+        self.metrics.count(kind, error.code.value)
         self._reply_now(client, client.codec.encode_error(rid, error))
 
     def _dispatch(self, client: Client, frame: bytes | str) -> None:
@@ -451,7 +490,7 @@ class Gateway:
                 reply = CategoriesReply(
                     rid=request.rid, items=[CategoryCount(c, n) for c, n in counts]
                 )
-                self.metrics.requests.labels("categories", "ok").inc()
+                self.metrics.count("categories", "ok")
                 return self._reply_now(client, client.codec.encode(reply))
             case Grant() if identity.role is not Role.ADMIN:
                 return self._refuse(client, request.rid, _forbidden("grant"), "grant")
@@ -477,8 +516,8 @@ class Gateway:
             data = f.result()
             self._reply_now(client, data if binary else _transcode(data))
             outcome = _outcome.decode(data)
-            self.metrics.requests.labels(kind, outcome.code or "ok").inc()
-            self.metrics.latency.labels(kind).observe(time.perf_counter() - started)
+            self.metrics.count(kind, outcome.code or "ok")
+            self.metrics.timed(kind, time.perf_counter() - started)
 
         future.add_done_callback(done)
 
@@ -498,7 +537,7 @@ class Gateway:
             items=[catalog.wire(i, now, self.stock_left.get(i.sku)) for i in items],
             next=after,
         )
-        self.metrics.requests.labels("catalog", "ok").inc()
+        self.metrics.count("catalog", "ok")
         self._reply_now(client, client.codec.encode(reply))
 
     def _count_bad_frame(self, client: Client) -> None:

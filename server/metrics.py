@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -37,6 +39,23 @@ class Metrics:
             "loadout_disconnects", "Connections closed by the server, by reason.",
             ["reason"], registry=self.registry,
         )  # fmt: skip
+
+        # Children by label values: ``labels()`` costs more than the increment.
+        self._counts: dict[tuple[str, str], Any] = {}
+        self._latencies: dict[str, Any] = {}
+
+    def count(self, kind: str, outcome: str) -> None:
+        """One request of ``kind`` answered with ``outcome`` (ok or an error code)."""
+        child = self._counts.get((kind, outcome))
+        if child is None:
+            child = self._counts[kind, outcome] = self.requests.labels(kind, outcome)
+        child.inc()
+
+    def timed(self, kind: str, seconds: float) -> None:
+        child = self._latencies.get(kind)
+        if child is None:
+            child = self._latencies[kind] = self.latency.labels(kind)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
