@@ -23,7 +23,15 @@ the cold connection's driver, so depth and rate stay as configured.
 Push latency: for watched users, from the purchase's send time to the arrival
 of the ``inventory`` push carrying the purchase's version on the watcher.
 
-Only requests scheduled inside the measurement window count.
+Only requests scheduled inside the measurement window count; requests whose
+connection is lost count as unanswered.
+
+The load generator shares the machine with the server under test, so each
+microsecond it spends per request is taken from the server: it runs on picows,
+with no task per frame or per request.  A connection handles each frame in
+picows' frame callback (no reader task); there a reply frees its driver's slot,
+and a closed loop sends its next request at once.  An open loop sends from a
+timer callback.
 """
 
 from __future__ import annotations
@@ -38,7 +46,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from websockets.asyncio.client import ClientConnection, connect
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    ws_connect,
+)
 
 __all__ = [
     "KINDS",
@@ -122,47 +139,118 @@ _decode = msgspec.msgpack.Decoder(_Message).decode
 _encode = msgspec.msgpack.Encoder().encode
 
 
-class _Driver:
-    """A cold connection's request slots (closed loop) and schedule (open loop)."""
+class _Slot:
+    """What waits for a request's reply: a driver's slot, or the set-up purchase.
 
+    ``free`` is called once per request: from the frame callback of its reply,
+    or when the reply is lost with its connection."""
+
+    def free(self) -> None:
+        raise NotImplementedError
+
+
+_Record = tuple[str, float, float, _Slot | None]  # kind, scheduled, sent, who waits
+
+
+class _SetupPurchase(_Slot):
     def __init__(self) -> None:
-        self.freed = 0
-        self.wake = asyncio.Event()
-        self.equipped = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def free(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
-class _Conn:
-    """One WebSocket: sends requests, matches replies by rid, notices pushes."""
+class _Conn(WSListener):
+    """One WebSocket: sends requests, matches replies by rid, notices pushes.
 
-    def __init__(self, user: str, ws: ClientConnection, run: _Run) -> None:
+    picows calls ``on_ws_frame`` for each frame as it reads it; there is no
+    reader task."""
+
+    transport: WSTransport  # set by picows before the first frame
+
+    def __init__(self, user: str, run: _Run) -> None:
+        super().__init__()
         self.user = user
-        self.ws = ws
         self.run = run
-        self.pending: dict[int, tuple[str, float, float, _Driver | None]] = {}
-        self.reader: asyncio.Task[None] | None = None
+        self.pending: dict[int, _Record] = {}
+        self.welcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self._fragments: bytearray | None = None
 
-    async def send(
-        self, kind: str, body: dict[str, Any], scheduled: float, driver: _Driver | None
-    ) -> None:
+    def send(self, kind: str, body: dict[str, Any], scheduled: float, slot: _Slot | None) -> None:
         rid = self.run.next_rid()
         body["rid"] = rid
-        self.pending[rid] = (kind, scheduled, time.perf_counter(), driver)
-        await self.ws.send(_encode(body))
+        record = (kind, scheduled, time.perf_counter(), slot)
+        if self.closed:
+            self.run.lost.append(record)
+            if slot is not None:
+                slot.free()
+            return
+        self.pending[rid] = record
+        self.transport.send(WSMsgType.BINARY, _encode(body))
 
-    async def read(self) -> None:
-        run = self.run
-        with contextlib.suppress(Exception):
-            async for frame in self.ws:
-                now = time.perf_counter()
-                message = _decode(frame)  # type: ignore[arg-type]
-                if message.rid is None:
-                    if message.type == "inventory" and message.version is not None:
-                        run.push_arrived(self.user, message.version, now)
-                    continue
-                record = self.pending.pop(message.rid, None)
-                if record is None:
-                    continue
-                run.reply_arrived(self.user, record, message, now)
+    def close(self) -> None:
+        """Start the closing handshake; the server's CLOSE frame finishes it."""
+        if not self.closed:
+            self.transport.send_close(WSCloseCode.OK)
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        # An exception here (a frame that does not decode) makes picows drop the
+        # connection: its requests then count as unanswered.
+        now = time.perf_counter()
+        if frame.msg_type == WSMsgType.BINARY and frame.fin:
+            message = _decode(frame.get_payload_as_memoryview())
+        else:
+            data = self._other_frame(transport, frame)
+            if data is None:
+                return
+            message = _decode(data)
+        if message.rid is None:
+            if not self.welcome.done():  # the first message
+                self.welcome.set_result(message.type)
+            elif message.type == "inventory" and message.version is not None:
+                self.run.push_arrived(self.user, message.version, now)
+            return
+        record = self.pending.pop(message.rid, None)
+        if record is not None:
+            self.run.reply_arrived(self.user, record, message, now)
+
+    def _other_frame(self, transport: WSTransport, frame: WSFrame) -> bytes | None:
+        """A CLOSE, or part of a fragmented message (the whole message once its
+        last fragment is in).  The server sends neither text nor fragments; they
+        are put up with, not expected."""
+        msg_type = frame.msg_type
+        if msg_type == WSMsgType.CLOSE:
+            if not transport.is_close_frame_sent:
+                transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+        elif msg_type == WSMsgType.BINARY:  # the first fragment
+            self._fragments = bytearray(frame.get_payload_as_memoryview())
+        elif msg_type == WSMsgType.CONTINUATION and self._fragments is not None:
+            self._fragments += frame.get_payload_as_memoryview()
+            if frame.fin:
+                data, self._fragments = bytes(self._fragments), None
+                return data
+        elif msg_type == WSMsgType.TEXT:
+            self._fragments = None
+        return None
+
+    def pause_writing(self) -> None:
+        """Requests go on being queued: in an open loop, time spent in the
+        queue counts in the latency, which runs from the scheduled send."""
+
+    def resume_writing(self) -> None:
+        pass
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closed = True
+        if not self.welcome.done():
+            self.welcome.set_exception(ConnectionError("closed before the welcome"))
+        self.run.connection_lost(self)
 
 
 class _Run:
@@ -181,6 +269,9 @@ class _Run:
         self.pushes_seen: dict[tuple[str, int], float] = {}
         self.purchases_seen: dict[tuple[str, int], float] = {}
         self.progress = 0
+        self.lost: list[_Record] = []  # requests whose connection was lost
+        self.driving = 0
+        self.driven: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def next_rid(self) -> int:
         self._rid += 1
@@ -189,37 +280,29 @@ class _Run:
     def measured(self, scheduled: float) -> bool:
         return self.measure_from <= scheduled < self.measure_to
 
-    def reply_arrived(
-        self,
-        user: str,
-        record: tuple[str, float, float, _Driver | None],
-        message: _Message,
-        now: float,
-    ) -> None:
-        kind, scheduled, sent, driver = record
-        if driver is not None:
-            driver.freed += 1
-            driver.wake.set()
-        if kind == "setup":
-            return
-        self.progress += 1
-        result = self.result
-        ok = message.type != "error"
-        if ok and self.measure_from <= now:  # by arrival time, whenever it was sent
-            result.timeline[int(now - self.measure_from)] += 1
-        if self.measured(scheduled):
-            if ok:
-                result.ok[kind] += 1
-                result.latencies[kind].append((now - scheduled) * 1000)
-            else:
-                result.errors[f"{kind}:{message.code}"] += 1
-        if ok and kind == "purchase" and user in self.watched and message.version is not None:
-            key = (user, message.version)
-            pushed = self.pushes_seen.pop(key, None)
-            if pushed is not None:
-                self._push_latency(sent, pushed)
-            else:
-                self.purchases_seen[key] = sent
+    def reply_arrived(self, user: str, record: _Record, message: _Message, now: float) -> None:
+        kind, scheduled, sent, slot = record
+        if kind != "setup":
+            self.progress += 1
+            result = self.result
+            ok = message.type != "error"
+            if ok and self.measure_from <= now:  # by arrival time, whenever it was sent
+                result.timeline[int(now - self.measure_from)] += 1
+            if self.measured(scheduled):
+                if ok:
+                    result.ok[kind] += 1
+                    result.latencies[kind].append((now - scheduled) * 1000)
+                else:
+                    result.errors[f"{kind}:{message.code}"] += 1
+            if ok and kind == "purchase" and user in self.watched and message.version is not None:
+                key = (user, message.version)
+                pushed = self.pushes_seen.pop(key, None)
+                if pushed is not None:
+                    self._push_latency(sent, pushed)
+                else:
+                    self.purchases_seen[key] = sent
+        if slot is not None:
+            slot.free()  # a closed loop sends its next request now
 
     def push_arrived(self, user: str, version: int, now: float) -> None:
         if user not in self.watched:
@@ -237,31 +320,78 @@ class _Run:
         if self.measured(sent):
             self.result.push_latencies.append((pushed - sent) * 1000)
 
+    def connection_lost(self, conn: _Conn) -> None:
+        """The requests waiting on ``conn`` will not be answered: free their slots."""
+        records = list(conn.pending.values())
+        conn.pending.clear()
+        self.lost.extend(records)
+        for _, _, _, slot in records:
+            if slot is not None:
+                slot.free()
+
+    async def drive(self, drivers: list[_Driver]) -> None:
+        """Start the drivers; return once they all stopped at the end of the
+        window, or at the end of the drain time after it (a reply never came)."""
+        self.driving = len(drivers)
+        if not drivers:
+            return
+        for driver in drivers:
+            driver.start()
+        timeout = self.measure_to + DRAIN_SECONDS - time.perf_counter()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.driven, max(0.0, timeout))
+
+    def driver_finished(self) -> None:
+        self.driving -= 1
+        if self.driving == 0 and not self.driven.done():
+            self.driven.set_result(None)
+
 
 async def _open(url: str, user: str, token: str, run: _Run) -> _Conn:
-    ws = await connect(
-        url,
-        additional_headers={"Authorization": f"Bearer {token}"},
-        subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-        compression=None,
-        max_size=2**20,
-        open_timeout=30,
-        ping_interval=None,
+    conn = _Conn(user, run)
+
+    def listener(request: WSUpgradeRequest, response: WSUpgradeResponse) -> _Conn:
+        chosen = response.headers.get("Sec-WebSocket-Protocol")
+        if chosen != SUBPROTOCOL:
+            raise RuntimeError(f"the server chose subprotocol {chosen!r} for {user}")
+        return conn
+
+    headers = {"Authorization": f"Bearer {token}", "Sec-WebSocket-Protocol": SUBPROTOCOL}
+    connecting = ws_connect(
+        listener, url, extra_headers=headers, websocket_handshake_timeout=30, max_frame_size=2**20
     )
-    welcome = _decode(await asyncio.wait_for(ws.recv(), 30))  # type: ignore[arg-type]
-    if welcome.type != "welcome":
-        raise RuntimeError(f"expected a welcome for {user}, got {welcome.type}")
-    conn = _Conn(user, ws, run)
-    conn.reader = asyncio.get_running_loop().create_task(conn.read())
+    await asyncio.wait_for(connecting, 30)
+    try:
+        welcome = await asyncio.wait_for(conn.welcome, 30)
+        if welcome != "welcome":
+            raise RuntimeError(f"expected a welcome for {user}, got {welcome}")
+    except BaseException:
+        conn.transport.disconnect(graceful=False)
+        raise
     return conn
+
+
+async def _close(conns: list[_Conn]) -> None:
+    """Closing handshakes, bounded in time; then whatever is left is cut."""
+    for conn in conns:
+        conn.close()
+    waiting = asyncio.gather(
+        *(c.transport.wait_disconnected() for c in conns), return_exceptions=True
+    )
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(waiting, 5)
+    for conn in conns:
+        conn.transport.disconnect(graceful=False)
 
 
 async def _setup_frame(conn: _Conn, run: _Run) -> None:
     """Each cold user buys the frame once (idempotent key) so it can equip it."""
-    driver = _Driver()
+    setup = _SetupPurchase()
     body = {"type": "purchase", "key": "bench-frame", "sku": FRAME_SKU, "price": FRAME_PRICE}
-    await conn.send("setup", body, time.perf_counter(), driver)
-    await asyncio.wait_for(driver.wake.wait(), 60)
+    conn.send("setup", body, time.perf_counter(), setup)
+    await asyncio.wait_for(setup.done, 60)
+    if conn.closed:
+        run.result.setup_errors.append(f"setup {conn.user}: connection lost")
 
 
 def _chooser(plan: WorkerPlan, rng: random.Random) -> Callable[[], str]:
@@ -322,33 +452,128 @@ async def run_worker(
         run.measure_from = run.start + plan.warmup
         run.measure_to = run.measure_from + plan.duration
         choose = _chooser(plan, rng)
+        drivers: list[_Driver]
         if plan.rate:
             per_conn = plan.rate / max(1, len(cold))
-            drivers = [_open_loop(c, hot, run, choose, rng, per_conn) for c in cold]
+            drivers = [_OpenLoop(c, hot, run, choose, rng, per_conn) for c in cold]
         else:
-            drivers = [_closed_loop(c, hot, run, choose, rng) for c in cold]
-        await asyncio.gather(*drivers)
+            drivers = [_ClosedLoop(c, hot, run, choose, rng) for c in cold]
+        await run.drive(drivers)
         result.measured_seconds = plan.duration
         deadline = time.perf_counter() + DRAIN_SECONDS
         while time.perf_counter() < deadline and any(c.pending for c in conns.values()):  # noqa: ASYNC110 - polls many dicts
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)  # the last pushes
-        result.unanswered = sum(
-            1
-            for c in conns.values()
-            for kind, scheduled, _, _ in c.pending.values()
-            if run.measured(scheduled)
-        )
+        waiting = [record for c in conns.values() for record in c.pending.values()]
+        result.unanswered = sum(1 for _, s, _, _ in [*waiting, *run.lost] if run.measured(s))
         result.missing_pushes = sum(1 for _, v in run.purchases_seen.items() if run.measured(v))
     finally:
         if ticker is not None:
             ticker.cancel()
-        for conn in [*conns.values(), *run.watchers.values()]:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.ws.close(), 5)
-            if conn.reader is not None:
-                conn.reader.cancel()
+        await _close([*conns.values(), *run.watchers.values()])
     return result
+
+
+class _Driver(_Slot):
+    """A cold connection's driver: it sends the mix for its user until the end
+    of the window, and frees a slot when a reply comes (or is lost)."""
+
+    def __init__(
+        self, conn: _Conn, hot: list[_Conn], run: _Run, choose: Callable[[], str],
+        rng: random.Random,
+    ) -> None:  # fmt: skip
+        self.conn = conn
+        self.hot = hot
+        self.run = run
+        self.choose = choose
+        self.rng = rng
+        self.equipped = False
+        self.finished = False
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def _send(self, scheduled: float) -> None:
+        target, kind, body = _request(self.conn, self.hot, self.run, self.choose, self, self.rng)
+        self.run.result.sent += 1
+        target.send(kind, body, scheduled, self)
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.run.driver_finished()
+
+
+class _ClosedLoop(_Driver):
+    """Keeps ``depth`` requests in flight: each reply frees a slot, and the next
+    request goes out at once, from the reply's frame callback."""
+
+    def __init__(
+        self, conn: _Conn, hot: list[_Conn], run: _Run, choose: Callable[[], str],
+        rng: random.Random,
+    ) -> None:  # fmt: skip
+        super().__init__(conn, hot, run, choose, rng)
+        self.freed = run.plan.depth
+        self.sending = False
+
+    def start(self) -> None:
+        self._send_freed()
+
+    def free(self) -> None:
+        self.freed += 1
+        if not self.sending:  # else the loop below takes it (a lost connection's request)
+            self._send_freed()
+
+    def _send_freed(self) -> None:
+        if self.finished:
+            return
+        self.sending = True
+        try:
+            while self.freed:
+                self.freed -= 1
+                now = time.perf_counter()
+                if now >= self.run.measure_to or self.conn.closed:
+                    self._finish()
+                    return
+                self._send(now)
+        finally:
+            self.sending = False
+
+
+class _OpenLoop(_Driver):
+    """Sends on a fixed schedule, from a timer, whether or not replies came back."""
+
+    def __init__(
+        self, conn: _Conn, hot: list[_Conn], run: _Run, choose: Callable[[], str],
+        rng: random.Random, rate: float,
+    ) -> None:  # fmt: skip
+        super().__init__(conn, hot, run, choose, rng)
+        self.interval = 1.0 / rate
+        self.due = run.start + rng.random() * self.interval
+        self.loop = asyncio.get_running_loop()
+
+    def free(self) -> None:
+        """Replies do not pace an open loop."""
+
+    def start(self) -> None:
+        self._send_due(woken=False)
+
+    def _wake(self) -> None:
+        self._send_due(woken=True)
+
+    def _send_due(self, woken: bool) -> None:
+        run = self.run
+        while self.due < run.measure_to:
+            if not woken:
+                now = time.perf_counter()
+                if self.due > now:
+                    self.loop.call_later(self.due - now, self._wake)
+                    return
+                if now - self.due > 0.001:
+                    run.result.late_sends += 1
+            woken = False
+            self._send(self.due)
+            self.due += self.interval
+        self._finish()
 
 
 def _request(
@@ -369,43 +594,6 @@ def _request(
             return conn, "equip", body
         return conn, "unequip", {"type": "unequip", "profile": PROFILE, "slot": FRAME_SLOT}
     return conn, "state", {"type": "state"}
-
-
-async def _closed_loop(
-    conn: _Conn, hot: list[_Conn], run: _Run, choose: Callable[[], str], rng: random.Random
-) -> None:
-    driver = _Driver()
-    driver.freed = run.plan.depth
-    while True:
-        free, driver.freed = driver.freed, 0
-        driver.wake.clear()
-        for _ in range(free):
-            now = time.perf_counter()
-            if now >= run.measure_to:
-                return
-            target, kind, body = _request(conn, hot, run, choose, driver, rng)
-            run.result.sent += 1
-            await target.send(kind, body, now, driver)
-        await driver.wake.wait()
-
-
-async def _open_loop(
-    conn: _Conn, hot: list[_Conn], run: _Run, choose: Callable[[], str], rng: random.Random,
-    rate: float,
-) -> None:  # fmt: skip
-    driver = _Driver()
-    interval = 1.0 / rate
-    due = run.start + rng.random() * interval
-    while due < run.measure_to:
-        now = time.perf_counter()
-        if due > now:
-            await asyncio.sleep(due - now)
-        elif now - due > 0.001:
-            run.result.late_sends += 1
-        target, kind, body = _request(conn, hot, run, choose, driver, rng)
-        run.result.sent += 1
-        await target.send(kind, body, due, driver)
-        due += interval
 
 
 async def _report(run: _Run, report: Callable[[int], None]) -> None:
