@@ -10,6 +10,7 @@ process still had in flight.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from typing import Any
@@ -43,9 +44,15 @@ class ShardActor:
 
     async def _ready(self) -> ShardHost:
         if self._started is None:
-            self._started = asyncio.get_running_loop().create_task(self._host.start())
+            self._started = asyncio.get_running_loop().create_task(self._start())
         await asyncio.shield(self._started)
         return self._host
+
+    async def _start(self) -> None:
+        await self._host.start()
+        # As in the gateway (server/app.py): collections skip start-up's objects.
+        gc.collect()
+        gc.freeze()
 
     async def start(self) -> dict[str, Any]:
         host = await self._ready()

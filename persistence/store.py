@@ -35,8 +35,16 @@ async def open_pool(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.P
         min_size=min_size,
         max_size=max_size,
         reset=_keep_session,
-        # Bounds a journal flush (one statement): see SETTLE_AFTER_MS in actors.host.
-        server_settings={"statement_timeout": "30s"},
+        server_settings={
+            # Bounds a journal flush (one statement): see SETTLE_AFTER_MS in actors.host.
+            "statement_timeout": "30s",
+            # The flush function's statements take arrays whose sizes change with
+            # every batch, and PostgreSQL kept re-planning all six of them per
+            # call (custom plans): about 2 ms of a 3-record flush. Our queries
+            # are all keyed lookups and bulk inserts, for which a generic plan is
+            # the plan: BENCHMARKS.md, "The journal flush".
+            "plan_cache_mode": "force_generic_plan",
+        },
     )
     return pool
 

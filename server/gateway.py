@@ -315,6 +315,9 @@ class Gateway:
     # --------------------------------------------------------------- serving
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
+        picows_log = logging.getLogger("picows")
+        if picows_log.level == logging.NOTSET:  # it logs every connection at INFO
+            picows_log.setLevel(logging.WARNING)
         self._server = await ws_create_server(
             self._upgrade,
             host,
