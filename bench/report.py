@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["comparison_table", "machine", "merge", "plot", "run_table", "write_json"]
+__all__ = ["comparison_table", "machine", "merge", "plot", "run_table", "summary", "write_json"]
 
 PERCENTILES = (50, 95, 99)
 
@@ -30,7 +30,7 @@ def _percentiles(samples: list[float], points: list[float]) -> list[float]:
     return out
 
 
-def _summary(samples: list[float]) -> dict[str, float | int | None]:
+def summary(samples: list[float]) -> dict[str, float | int | None]:
     if not samples:
         return {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
     out: dict[str, float | int | None] = {"count": len(samples)}
@@ -90,11 +90,11 @@ def merge(
             ),
         },
         "requests": {
-            kind: {**_summary(latencies.get(kind, [])), "per_s": round(ok[kind] / seconds, 1)}
+            kind: {**summary(latencies.get(kind, [])), "per_s": round(ok[kind] / seconds, 1)}
             for kind in sorted(set(latencies) | set(ok))
         },
-        "all": _summary([v for values in latencies.values() for v in values]),
-        "push": {**_summary(pushes), "missing": totals["missing_pushes"]},
+        "all": summary([v for values in latencies.values() for v in values]),
+        "push": {**summary(pushes), "missing": totals["missing_pushes"]},
         "errors": dict(errors),
         "sent": totals["sent"],
         "late_sends": totals["late_sends"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -258,7 +257,9 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
         gateway.on_connection = fanout.watch
         gateway.on_disconnect = fanout.unwatch
         await gateway.start(settings.host, settings.port)
-        freeze_startup_objects()
+        from actors.shard import tune_collector
+
+        tune_collector()
         log.info(
             "serving ws://%s:%d/v1/ws (%s core, %d shards, catalog v%d)",
             settings.host, gateway.port, settings.core, len(handles), holder.catalog.version,
@@ -288,16 +289,6 @@ async def _sweep(limiter: RateLimiter) -> None:
     while True:
         await asyncio.sleep(30)
         limiter.sweep()
-
-
-def freeze_startup_objects() -> None:
-    """Exempt what start-up made (modules, Ray's and our own set-up) from the
-    cycle collector: a full collection then scans only what came later.
-
-    Measured in the gateway: full collections fell from about 90 ms to 8 ms,
-    each one a pause of every connection (BENCHMARKS.md, "Pauses")."""
-    gc.collect()
-    gc.freeze()
 
 
 def run_server(settings: Settings) -> None:
