@@ -1,4 +1,4 @@
-"""Publishing pushes to Redis: in order, pipelined, bounded.
+"""Publishing pushes to Redis: in order, batched, bounded.
 
 The actor core's shards and the lock baseline both publish a user's pushes
 once the change is durable, one Redis channel per user (DESIGN.md step 5).

@@ -93,6 +93,8 @@ _outcome = msgspec.msgpack.Decoder(_Outcome)
 class GatewayLimits:
     in_flight = 256  # requests per connection awaiting a reply; then stop reading
     send_buffer = 1024 * 1024  # unsent bytes per connection; then close 1008
+    fragments = 1024  # frames in one fragmented message, then close 1008
+    close_timeout = 5.0  # after our close frame, for the client's, then hang up
     bad_frames = 10  # per minute, then close 1008
     bad_frame_window = 60.0
     handshake_timeout = 10.0
@@ -136,6 +138,7 @@ class Client(WSListener):
         self.closing = False
         #: A message arriving in several frames: its kind and its parts so far.
         self.parts: list[bytes] = []
+        self.parts_size = 0
         self.parts_kind = WSMsgType.CONTINUATION
         self.bad: deque[float] = deque()
         self.watched = False
@@ -161,10 +164,17 @@ class Client(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
-        if kind is WSMsgType.CLOSE:
+        if self.closing:  # our close frame is out: wait for theirs, ignore the rest
+            if kind is WSMsgType.CLOSE:
+                transport.disconnect()
+            return
+        if kind is WSMsgType.CLOSE:  # the client closes: answer, then hang up
             self.flush()
             self.closing = True
-            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            if frame.payload_size < 2:  # no code given: 1000, never 0 (RFC 6455 §7.4)
+                transport.send_close(WSCloseCode.OK)
+            else:
+                transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
             return
         if kind is WSMsgType.PONG or kind is WSMsgType.PING:
@@ -199,14 +209,19 @@ class Client(WSListener):
         elif self.parts_kind is WSMsgType.CONTINUATION:
             self.close(WSCloseCode.PROTOCOL_ERROR, "continuation of no message")
             return None
-        self.parts.append(frame.get_payload_as_bytes())
-        if sum(len(part) for part in self.parts) > MAX_FRAME:
+        part = frame.get_payload_as_bytes()
+        self.parts.append(part)
+        self.parts_size += len(part)
+        if self.parts_size > MAX_FRAME:
             self.close(WSCloseCode.MESSAGE_TOO_BIG, "message over 64 KiB")
+            return None
+        if len(self.parts) > GatewayLimits.fragments:
+            self.close(WSCloseCode.POLICY_VIOLATION, "too many fragments in one message")
             return None
         if not frame.fin:
             return None
         whole, kind = b"".join(self.parts), self.parts_kind
-        self.parts, self.parts_kind = [], WSMsgType.CONTINUATION
+        self.parts, self.parts_kind, self.parts_size = [], WSMsgType.CONTINUATION, 0
         return kind, whole
 
     # ----------------------------------------------------------------- output
@@ -221,9 +236,20 @@ class Client(WSListener):
         self.unsent.append(data)
 
     def flush(self) -> None:
-        """Write the queued messages in one go: one system call, not one each."""
+        """Write the queued messages in one go: one system call, not one each.
+
+        Nothing is written before the welcome, which must be the first frame
+        (PROTOCOL.md §1): pushes that came earlier wait behind it."""
         transport, unsent = self.transport, self.unsent
-        if not unsent or transport is None or self.closing:
+        if not self.ready and not self.closing:
+            return
+        if (
+            not unsent
+            or transport is None
+            or self.closing
+            or transport.is_close_frame_sent  # picows closed it (a protocol error)
+            or transport.is_disconnected
+        ):
             unsent.clear()
             return
         data = b"".join(unsent)
@@ -239,13 +265,28 @@ class Client(WSListener):
         socket.write(data)
 
     def close(self, code: WSCloseCode, reason: str) -> None:
-        """Send what is queued and a close frame; hang up once they are written."""
-        if self.transport is None or self.closing:
+        """Send what is queued and a close frame, then wait for the client's.
+
+        Hanging up at once would leave unread requests in the socket, and the
+        kernel would answer them with a reset that can destroy the replies and
+        the close frame still on their way.  So reading resumes (what arrives
+        is dropped) until the client's close frame, or ``close_timeout``."""
+        transport = self.transport
+        if transport is None or self.closing:
             return
         self.flush()
         self.closing = True
-        self.transport.send_close(code, reason.encode())
-        self.transport.disconnect()
+        self.held.clear()
+        if transport.is_disconnected:
+            return
+        if not transport.is_close_frame_sent:
+            transport.send_close(code, reason.encode())
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.underlying_transport.resume_reading()
+        asyncio.get_running_loop().call_later(
+            GatewayLimits.close_timeout, transport.disconnect, False
+        )
 
     # ----------------------------------------------------------- flow control
 
@@ -402,7 +443,11 @@ class Gateway:
     def _flush(self) -> None:
         clients, self._unflushed = self._unflushed, []
         for client in clients:
-            client.flush()
+            try:
+                client.flush()
+            except Exception:  # one broken socket must not stop the others' writes
+                client.unsent.clear()
+                log.exception("could not write to %s", client.identity.user)
 
     def _connected(self, client: Client) -> None:
         self.clients.setdefault(client.identity.user, set()).add(client)
@@ -430,8 +475,10 @@ class Gateway:
             protocol=PROTOCOL_VERSION,
             server_time=time.time_ns() // 1_000_000,
         )
-        client.send(client.codec.encode(welcome))
+        data = client.codec.encode(welcome)
+        client.unsent[:0] = [_frame_header(client.opcode, len(data)), data]  # before any push
         client.ready = True
+        client.flush()
         client.release()
 
     def _disconnected(self, client: Client) -> None:

@@ -8,6 +8,9 @@ the end-to-end path is covered by tests/e2e.
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import struct
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -173,3 +176,138 @@ async def test_a_close_from_the_client_is_answered_and_forgotten(
     await ws.close(1000, "done")
     assert ws.close_code == 1000
     await _wait_for(lambda: gw.connections == 0 and not gw.clients)
+
+
+# ----------------------------------------------------------- raw frames
+
+
+def _client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A masked client frame, built by hand to send what websockets would not."""
+    mask = os.urandom(4)
+    first = (0x80 if fin else 0) | opcode
+    size = len(payload)
+    if size < 126:
+        header = bytes((first, 0x80 | size))
+    elif size < 65536:
+        header = bytes((first, 0x80 | 126)) + struct.pack("!H", size)
+    else:
+        header = bytes((first, 0x80 | 127)) + struct.pack("!Q", size)
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def _raw_open(
+    gateway: Gateway, user: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /v1/ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {issue_token(SECRET, user)}\r\n\r\n".encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b" 101 " in head.split(b"\r\n")[0], head
+    return reader, writer
+
+
+async def _raw_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    first, second = await asyncio.wait_for(reader.readexactly(2), 10)
+    size = second & 0x7F
+    if size == 126:
+        size = struct.unpack("!H", await reader.readexactly(2))[0]
+    elif size == 127:
+        size = struct.unpack("!Q", await reader.readexactly(8))[0]
+    return first & 0x0F, await reader.readexactly(size)
+
+
+async def _raw_until_close(reader: asyncio.StreamReader) -> tuple[list[int], int | None]:
+    """Opcodes of the frames read up to the close frame, and its close code."""
+    seen: list[int] = []
+    while True:
+        opcode, payload = await _raw_frame(reader)
+        if opcode == 0x8:
+            return seen, struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+        seen.append(opcode)
+
+
+async def test_an_empty_close_is_answered_with_1000(gateway: tuple[Gateway, HeldBackend]) -> None:
+    gw, _ = gateway
+    reader, writer = await _raw_open(gw, "emptyclose")
+    assert (await _raw_frame(reader))[0] == 0x1  # the welcome
+    writer.write(_client_frame(0x8, b""))
+    _, code = await _raw_until_close(reader)
+    assert code == 1000  # never 0, which RFC 6455 forbids on the wire
+    writer.close()
+
+
+async def test_frames_after_a_close_are_not_dispatched(
+    gateway: tuple[Gateway, HeldBackend],
+) -> None:
+    gw, backend = gateway
+    reader, writer = await _raw_open(gw, "afterclose")
+    assert (await _raw_frame(reader))[0] == 0x1
+    bad_text = _client_frame(0x1, b'{"type":"state","rid":"\xff"}')
+    writer.write(bad_text + _client_frame(0x1, b'{"type":"state","rid":2}'))  # one read
+    _, code = await _raw_until_close(reader)
+    assert code == 1007
+    await asyncio.sleep(0.1)
+    assert backend.submitted == []
+    writer.close()
+
+
+async def test_a_message_in_too_many_fragments_closes_1008(
+    gateway: tuple[Gateway, HeldBackend],
+) -> None:
+    gw, backend = gateway
+    reader, writer = await _raw_open(gw, "confetti")
+    assert (await _raw_frame(reader))[0] == 0x1
+    empty = _client_frame(0x0, b"", fin=False)
+    writer.write(_client_frame(0x1, b"{", fin=False) + empty * (GatewayLimits.fragments + 10))
+    _, code = await _raw_until_close(reader)
+    assert code == 1008
+    assert backend.submitted == []
+    writer.close()
+
+
+async def test_pushes_wait_for_the_welcome(gateway: tuple[Gateway, HeldBackend]) -> None:
+    gw, _ = gateway
+    subscribed = asyncio.Event()
+
+    async def slow_subscription(user: str) -> None:
+        await subscribed.wait()
+
+    gw.on_connection = slow_subscription
+    ws = await connect(
+        f"ws://127.0.0.1:{gw.port}/v1/ws",
+        additional_headers={"Authorization": f"Bearer {issue_token(SECRET, 'pushed')}"},
+    )
+    await _wait_for(lambda: "pushed" in gw.clients)
+    gw.deliver("pushed", msgspec.msgpack.encode({"type": "inventory", "version": 2}))
+    gw.broadcast_catalog_changed(9)
+    await asyncio.sleep(0.1)
+    subscribed.set()
+    kinds = [msgspec.json.decode(await asyncio.wait_for(ws.recv(), 10))["type"] for _ in range(3)]
+    assert kinds == ["welcome", "inventory", "catalog_changed"]
+    await ws.close()
+
+
+async def test_a_drain_closes_a_busy_client_without_losing_its_replies(
+    gateway: tuple[Gateway, HeldBackend],
+) -> None:
+    gw, backend = gateway
+    reader, writer = await _raw_open(gw, "busy")
+    assert (await _raw_frame(reader))[0] == 0x1
+    # Far past the in-flight limit: most requests wait unread in the server's socket.
+    writer.write(_client_frame(0x1, b'{"type":"state","rid":1}') * 3000)
+    await writer.drain()
+    await _wait_for(lambda: len(backend.submitted) == GatewayLimits.in_flight)
+    answered = backend.release()
+    await gw.stop_accepting()
+    closing = asyncio.get_running_loop().create_task(gw.close_all())
+    await asyncio.sleep(0.3)  # the client reads only once the server has closed
+    seen, code = await _raw_until_close(reader)  # a reset would raise here instead
+    writer.write(_client_frame(0x8, struct.pack("!H", 1000)))
+    await closing
+    assert len(seen) >= answered  # the replies sent before the close all arrived
+    assert code == 1001
+    writer.close()
