@@ -311,3 +311,26 @@ async def test_a_drain_closes_a_busy_client_without_losing_its_replies(
     assert len(seen) >= answered  # the replies sent before the close all arrived
     assert code == 1001
     writer.close()
+
+
+async def test_past_the_in_flight_limit_the_gateway_stops_reading(
+    gateway: tuple[Gateway, HeldBackend],
+) -> None:
+    gw, backend = gateway
+    reader, writer = await _raw_open(gw, "flood")
+    assert (await _raw_frame(reader))[0] == 0x1
+    pad = "x" * 1000
+    frame = _client_frame(0x1, f'{{"type":"state","rid":1,"pad":"{pad}"}}'.encode())
+    sent = 0
+    for _ in range(16):  # 16 MiB: more than the kernel buffers between us hold
+        writer.write(frame * 1024)
+        sent += 1024
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    (client,) = gw.clients["flood"]
+    assert len(backend.submitted) == GatewayLimits.in_flight
+    # What was read but not dispatched is one socket read's worth, not the flood:
+    # the rest waits in TCP buffers and in our (the client's) write buffer.
+    assert len(client.held) < sent // 4, len(client.held)
+    assert writer.transport.get_write_buffer_size() > 0
+    writer.transport.abort()
