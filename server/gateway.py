@@ -92,7 +92,7 @@ _outcome = msgspec.msgpack.Decoder(_Outcome)
 
 class GatewayLimits:
     in_flight = 256  # requests per connection awaiting a reply; then stop reading
-    send_buffer = 1024 * 1024  # unsent bytes per connection; then close 1008
+    send_buffer = 1024 * 1024  # unsent bytes per connection; then hang up
     fragments = 1024  # frames in one fragmented message, then close 1008
     close_timeout = 5.0  # after our close frame, for the client's, then hang up
     bad_frames = 10  # per minute, then close 1008

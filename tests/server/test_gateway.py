@@ -67,15 +67,30 @@ async def gateway() -> AsyncIterator[tuple[Gateway, HeldBackend]]:
         await gateway.close_all()
 
 
-async def _open(gateway: Gateway, user: str, binary: bool = False) -> ClientConnection:
+async def _open(
+    gateway: Gateway, user: str, binary: bool = False, welcome: bool = True
+) -> ClientConnection:
+    """A connection; with ``welcome``, once the welcome has been read."""
     ws = await connect(
         f"ws://127.0.0.1:{gateway.port}/v1/ws",
         additional_headers={"Authorization": f"Bearer {issue_token(SECRET, user)}"},
         subprotocols=[MSGPACK_SUBPROTOCOL if binary else JSON_SUBPROTOCOL],  # type: ignore[list-item]
     )
-    welcome = msgspec.json.decode(await ws.recv()) if not binary else None
-    assert binary or welcome["type"] == "welcome"
+    if welcome:
+        decode = msgspec.msgpack.decode if binary else msgspec.json.decode
+        assert decode(await ws.recv())["type"] == "welcome"
     return ws
+
+
+def _hold_subscriptions(gateway: Gateway) -> asyncio.Event:
+    """Make new connections' push subscriptions wait until the event is set."""
+    subscribed = asyncio.Event()
+
+    async def slow_subscription(user: str) -> None:
+        await subscribed.wait()
+
+    gateway.on_connection = slow_subscription
+    return subscribed
 
 
 async def _wait_for(condition: object, timeout: float = 10.0) -> None:
@@ -126,7 +141,6 @@ async def test_past_the_in_flight_limit_requests_wait_in_order(
 ) -> None:
     gw, backend = gateway
     ws = await _open(gw, "pipeline", binary=True)
-    assert msgspec.msgpack.decode(await ws.recv())["type"] == "welcome"
     total = GatewayLimits.in_flight * 2 + 50
     for rid in range(total):
         await ws.send(msgspec.msgpack.encode({"type": "state", "rid": rid}))
@@ -146,16 +160,8 @@ async def test_requests_sent_before_the_welcome_wait_for_it(
     gateway: tuple[Gateway, HeldBackend],
 ) -> None:
     gw, backend = gateway
-    subscribed = asyncio.Event()
-
-    async def slow_subscription(user: str) -> None:
-        await subscribed.wait()
-
-    gw.on_connection = slow_subscription
-    ws = await connect(
-        f"ws://127.0.0.1:{gw.port}/v1/ws",
-        additional_headers={"Authorization": f"Bearer {issue_token(SECRET, 'early')}"},
-    )
+    subscribed = _hold_subscriptions(gw)
+    ws = await _open(gw, "early", welcome=False)
     await ws.send('{"type":"state","rid":1}')
     await asyncio.sleep(0.2)
     assert backend.submitted == []  # held until the user's pushes are subscribed
@@ -271,16 +277,8 @@ async def test_a_message_in_too_many_fragments_closes_1008(
 
 async def test_pushes_wait_for_the_welcome(gateway: tuple[Gateway, HeldBackend]) -> None:
     gw, _ = gateway
-    subscribed = asyncio.Event()
-
-    async def slow_subscription(user: str) -> None:
-        await subscribed.wait()
-
-    gw.on_connection = slow_subscription
-    ws = await connect(
-        f"ws://127.0.0.1:{gw.port}/v1/ws",
-        additional_headers={"Authorization": f"Bearer {issue_token(SECRET, 'pushed')}"},
-    )
+    subscribed = _hold_subscriptions(gw)
+    ws = await _open(gw, "pushed", welcome=False)
     await _wait_for(lambda: "pushed" in gw.clients)
     gw.deliver("pushed", msgspec.msgpack.encode({"type": "inventory", "version": 2}))
     gw.broadcast_catalog_changed(9)
