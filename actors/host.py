@@ -393,7 +393,7 @@ class ShardHost(SagaMixin):
         assert self._journal is not None
         await self._journal.write(records)
         if self._pushes is not None:
-            self._pushes.publish(pushes)
+            await self._pushes.publish_and_wait(pushes)
 
     def _record(self, user_id: str, change: Change) -> JournalRecord:
         entry = change.ledger

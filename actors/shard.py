@@ -1,7 +1,9 @@
 """The shard actor: a named Ray actor hosting many users (a ``ShardHost``).
 
 A user id maps to one shard by a stable hash, so every gateway process finds
-the same actor by name.  The actor starts its host lazily on the first call,
+the same actor by name.  Gateways ask it for its ``endpoint`` through Ray and
+send their batches on a socket (``actors/link.py``); Ray carries the control
+calls.  The actor starts its host lazily on the first call,
 so a Ray restart of a crashed actor (which re-runs only the constructor)
 comes back by itself, taking a new epoch that fences out anything the old
 process still had in flight.
@@ -17,7 +19,8 @@ from typing import Any
 
 import ray
 
-from actors.host import AllowanceOp, BatchItem, ShardHost, ShardSettings, shard_index
+from actors.host import AllowanceOp, ShardHost, ShardSettings, shard_index
+from actors.link import Endpoint, LinkServer
 
 __all__ = ["ShardActor", "shard_handles", "shard_name", "shard_of"]
 
@@ -54,6 +57,7 @@ class ShardActor:
         _run_at_normal_priority()
         self._shard = settings.shard
         self._host = ShardHost(settings, self._call_shard)
+        self._link = LinkServer(settings.shard, self._host.apply_batch)
         self._peers: dict[int, Any] = {}
         self._started: asyncio.Task[None] | None = None
 
@@ -71,9 +75,12 @@ class ShardActor:
         host = await self._ready()
         return host.stats()
 
-    async def apply(self, catalog_version: int, batch: list[BatchItem]) -> list[bytes]:
-        host = await self._ready()
-        return await host.apply_batch(catalog_version, batch)
+    async def endpoint(self) -> Endpoint:
+        """Where gateways send batches (``actors/link.py``): this node's
+        address, a port, and a token that changes with every restart."""
+        await self._ready()
+        host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        return await self._link.start(host)
 
     async def apply_allowances(self, catalog_version: int, ops: list[AllowanceOp]) -> list[int]:
         host = await self._ready()
@@ -100,6 +107,7 @@ class ShardActor:
         return host.stats()
 
     async def close(self) -> None:
+        await self._link.close()
         if self._started is not None:
             await self._host.close()
 

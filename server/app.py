@@ -234,7 +234,7 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
                 for i, h in enumerate(handles)
             ]
             router = ShardRouter(batchers)
-            router.start()
+            await router.start()
             backend = router
         limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
         gateway = Gateway(

@@ -1,39 +1,43 @@
-"""Gateway-side batching: one Ray call per shard per batch, one batch in flight.
+"""Gateway-side batching: one batch in flight per shard, sent on the shard's link.
 
 Everything bound for a shard while its previous batch is in flight travels
-together in the next call (DESIGN.md, "Data flow of a purchase").  Keeping a
+together in the next batch (DESIGN.md, "Data flow of a purchase").  Keeping a
 single batch in flight per shard is what makes requests sent on one
-connection take effect in the order sent: Ray does not order concurrent calls
-to an async actor, even from one caller.
+connection take effect in the order sent.
+
+Batches travel on one TCP connection per shard (``actors/link.py``), found
+through Ray (``ShardActor.endpoint``).  The batcher is driven by callbacks,
+not a task: a reply frame answers every request of its batch and sends the
+next batch in the same loop turn.  A lost connection or a batch that times
+out answers its requests ``unavailable`` (the batch may or may not have run:
+every mutation carries an idempotency key, so a retry is safe) and the
+batcher reconnects; the shard makes the next batch wait for the lost one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgspec
 
 from actors.host import BatchItem, ShardRequest
+from actors.link import Endpoint, FrameError, FrameReader, decode_replies, encode_batch, frame
 from actors.shard import shard_of
 from protocol.errors import ErrorCode
 from protocol.messages import Error
 
-__all__ = ["Backend", "ShardBatcher", "ShardBusy", "ShardRouter"]
+__all__ = ["Answer", "Backend", "ShardBatcher", "ShardBusy", "ShardRouter"]
 
 log = logging.getLogger("loadout.batching")
 
 _encoder = msgspec.msgpack.Encoder()
 
-
-def _retrieve(future: asyncio.Future[list[bytes]]) -> None:
-    """A late batch's outcome is no longer awaited: read it so asyncio does not
-    log it as never retrieved."""
-    if not future.cancelled():
-        future.exception()
+Answer = Callable[[bytes], None]
+"""Called once, on the event loop, with a request's msgpack reply."""
 
 
 class ShardBusy(Exception):
@@ -45,6 +49,49 @@ def _unavailable(rid: str | int | None, message: str) -> bytes:
         return _encoder.encode(Error(rid=rid, code=ErrorCode.UNAVAILABLE.value, message=message))
     except (OverflowError, TypeError):  # never let one odd rid stop the batcher
         return _encoder.encode(Error(rid=None, code=ErrorCode.UNAVAILABLE.value, message=message))
+
+
+_LOST = "the shard did not answer; retry with the same key"
+
+
+class _Batch:
+    """One batch on the link: its requests, who waits for their replies, its deadline."""
+
+    __slots__ = ("items", "replies", "timer")
+
+    def __init__(self, items: list[BatchItem], replies: list[Answer]) -> None:
+        self.items = items
+        self.replies = replies
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Link(asyncio.Protocol):
+    """The gateway's end of one shard link: hands whole frames to the batcher."""
+
+    def __init__(self, batcher: ShardBatcher) -> None:
+        self._batcher = batcher
+        self._reader = FrameReader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._reader.feed(data)
+        except FrameError as exc:
+            return self.abort(str(exc))
+        for body in frames:
+            self._batcher._replied(self, body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._batcher._lost(self, exc)
+
+    def abort(self, reason: str) -> None:
+        log.warning("shard %d link dropped: %s", self._batcher.shard, reason)
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class ShardBatcher:
@@ -69,90 +116,201 @@ class ShardBatcher:
         self._max_queue = max_queue
         self._timeout = timeout
         self._items: list[BatchItem] = []
-        self._futures: list[asyncio.Future[bytes]] = []
-        self._wake = asyncio.Event()
+        self._replies: list[Answer] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._link: _Link | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._down_since: float | None = time.monotonic()
+        self._in_flight: _Batch | None = None
+        self._send_scheduled = False
+        self._closed = False
+        self._linked = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._task: asyncio.Task[None] | None = None
-        self._late: asyncio.Future[list[bytes]] | None = None
         self.batches = 0
         self.requests = 0
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"batcher-{self.shard}"
-        )
+    async def start(self) -> None:
+        """Connect to the shard (waiting at most the timeout for the first link)."""
+        self._loop = asyncio.get_running_loop()
+        self._connecting = self._loop.create_task(self._connect(), name=f"link-{self.shard}")
+        try:
+            await asyncio.wait_for(self._linked.wait(), self._timeout)
+        except TimeoutError:
+            raise ConnectionError(f"shard {self.shard} took no link in {self._timeout} s") from None
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Answer everything still waiting ("shutting down") and send nothing more."""
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        message = "server shutting down; retry"
+        batch = self._in_flight
+        if batch is not None:
+            self._finish(batch)
+            self._answer_all(batch, message)
+        self._answer_all(_Batch(self._items, self._replies), message)
+        self._items, self._replies = [], []
+        if self._link is not None and self._link.transport is not None:
+            self._link.transport.close()
+        self._idle.set()
 
-    def submit(self, user_id: str, request: ShardRequest) -> asyncio.Future[bytes]:
-        """Queue a request; the future gets the shard's msgpack reply."""
+    def submit(self, user_id: str, request: ShardRequest, reply: Answer) -> None:
+        """Queue a request; ``reply`` gets the shard's msgpack reply."""
         if len(self._items) >= self._max_queue:
             raise ShardBusy(f"shard {self.shard} has {len(self._items)} requests waiting")
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            return reply(_unavailable(request.rid, "server shutting down; retry"))
+        if self._link is None and self._unreachable():
+            return reply(_unavailable(request.rid, "the shard is not reachable; retry"))
         self._items.append((user_id, request))
-        self._futures.append(future)
+        self._replies.append(reply)
         self._idle.clear()
-        self._wake.set()
-        return future
+        if self._in_flight is None and not self._send_scheduled:
+            # Send at the end of this loop turn, with whatever else arrives in it.
+            self._send_scheduled = True
+            assert self._loop is not None, "start() the batcher first"
+            self._loop.call_soon(self._send)
 
     async def drain(self) -> None:
         """Wait until every request submitted so far has its reply."""
         await self._idle.wait()
 
-    async def _run(self) -> None:
+    # ------------------------------------------------------------- the link
+
+    def _unreachable(self) -> bool:
+        """Down for longer than the timeout: answer at once instead of queueing."""
+        return self._down_since is not None and time.monotonic() - self._down_since > self._timeout
+
+    async def _connect(self) -> None:
+        assert self._loop is not None
+        delay = 0.05
         while True:
-            await self._wake.wait()
-            items, futures = self._items[: self._max_batch], self._futures[: self._max_batch]
-            del self._items[: self._max_batch], self._futures[: self._max_batch]
-            if not self._items:
-                self._wake.clear()
-            self._on_batch(len(items))
-            if self._late is not None:
-                # A timed-out batch may still be running on the shard: the next
-                # one waits for it, or requests on one connection could overtake.
-                await asyncio.wait({self._late}, timeout=self._timeout * 4)
-                self._late = None
-            call: asyncio.Future[list[bytes]] | None = None
             try:
-                call = asyncio.ensure_future(
-                    self._handle.apply.remote(self._catalog_version(), items)
+                endpoint: Endpoint = await asyncio.wait_for(
+                    self._handle.endpoint.remote(), self._timeout
                 )
-                replies: list[bytes] = await asyncio.wait_for(asyncio.shield(call), self._timeout)
-            except asyncio.CancelledError:
-                for (_, request), future in zip(items, futures, strict=True):
-                    if not future.done():
-                        future.set_result(_unavailable(request.rid, "server shutting down; retry"))
-                raise
+                _, link = await asyncio.wait_for(
+                    self._loop.create_connection(lambda: _Link(self), endpoint.host, endpoint.port),
+                    self._timeout,
+                )
             except Exception as exc:
-                if call is not None and not call.done():
-                    self._late = call
-                    call.add_done_callback(_retrieve)
-                # The batch may or may not have run: every mutation carries an
-                # idempotency key (or is naturally idempotent), so a retry is safe.
-                log.warning("shard %d batch of %d failed: %r", self.shard, len(items), exc)
-                replies = [
-                    _unavailable(request.rid, "the shard did not answer; retry with the same key")
-                    for _, request in items
-                ]
-            for future, reply in zip(futures, replies, strict=True):
-                if not future.done():
-                    future.set_result(reply)
-            self.batches += 1
-            self.requests += len(items)
-            if not self._items:
-                self._idle.set()
+                log.warning(
+                    "shard %d: no link yet (%r); retrying in %.2f s", self.shard, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                if self._unreachable():
+                    self._fail_waiting("the shard is not reachable; retry")
+                continue
+            assert link.transport is not None
+            link.transport.write(frame(endpoint.token))
+            self._link, self._down_since = link, None
+            self._linked.set()
+            log.info("shard %d linked at %s:%d", self.shard, endpoint.host, endpoint.port)
+            self._connecting = None
+            self._send()
+            return
+
+    def _lost(self, link: _Link, exc: Exception | None) -> None:
+        if link is not self._link:
+            return
+        self._link, self._down_since = None, time.monotonic()
+        self._linked.clear()
+        if not self._closed:
+            log.warning("shard %d link lost: %r; reconnecting", self.shard, exc)
+        batch = self._in_flight
+        if batch is not None:
+            self._finish(batch)
+            self._answer_all(batch, _LOST)
+        if not self._closed and self._connecting is None:
+            assert self._loop is not None
+            self._connecting = self._loop.create_task(self._connect(), name=f"link-{self.shard}")
+
+    def _fail_waiting(self, message: str) -> None:
+        waiting = _Batch(self._items, self._replies)
+        self._items, self._replies = [], []
+        self._answer_all(waiting, message)
+        if self._in_flight is None:
+            self._idle.set()
+
+    # ------------------------------------------------------------- batches
+
+    def _send(self) -> None:
+        self._send_scheduled = False
+        if self._in_flight is not None or self._closed:
+            return  # the reply sends what waits
+        if not self._items:
+            self._idle.set()
+            return
+        link = self._link
+        if link is None or link.transport is None:
+            return  # the reconnection sends what waits
+        batch = _Batch(self._items[: self._max_batch], self._replies[: self._max_batch])
+        del self._items[: self._max_batch], self._replies[: self._max_batch]
+        self._on_batch(len(batch.items))
+        try:
+            data = encode_batch(self._catalog_version(), batch.items)
+        except (OverflowError, TypeError, ValueError) as exc:  # a bug: never stop the queue
+            log.error("shard %d: batch of %d not encodable: %r", self.shard, len(batch.items), exc)
+            self._answer_all(batch, "internal error; retry")
+            return self._send()
+        assert self._loop is not None
+        self._in_flight = batch
+        batch.timer = self._loop.call_later(self._timeout, self._time_out, batch)
+        link.transport.write(data)
+
+    def _replied(self, link: _Link, body: bytes) -> None:
+        batch = self._in_flight
+        if link is not self._link or batch is None:
+            return link.abort("a reply with no batch in flight")
+        try:
+            replies = decode_replies(body)
+            if len(replies) != len(batch.items):
+                raise ValueError(f"{len(replies)} replies to a batch of {len(batch.items)}")
+        except (msgspec.DecodeError, ValueError) as exc:
+            return link.abort(f"bad reply: {exc}")
+        self._finish(batch)
+        for reply, data in zip(batch.replies, replies, strict=True):
+            _call(reply, data)
+        self._send()
+
+    def _time_out(self, batch: _Batch) -> None:
+        """No reply in time: answer the batch and drop the link; the shard
+        makes the next link's batches wait for this one."""
+        if batch is not self._in_flight:
+            return
+        log.warning("shard %d: batch of %d timed out", self.shard, len(batch.items))
+        if self._link is not None:
+            self._link.abort("timed out")  # connection_lost answers the batch
+
+    def _finish(self, batch: _Batch) -> None:
+        if batch.timer is not None:
+            batch.timer.cancel()
+        self._in_flight = None
+        self.batches += 1
+        self.requests += len(batch.items)
+
+    @staticmethod
+    def _answer_all(batch: _Batch, message: str) -> None:
+        for (_, request), reply in zip(batch.items, batch.replies, strict=True):
+            _call(reply, _unavailable(request.rid, message))
+
+
+def _call(reply: Answer, data: bytes) -> None:
+    """One request's reply: a failing callback must not cost the others theirs."""
+    try:
+        reply(data)
+    except Exception:
+        log.exception("reply callback failed")
 
 
 class Backend(Protocol):
     """What the gateway sends user requests to (the core under the gateway)."""
 
-    def submit(self, user_id: str, request: ShardRequest) -> asyncio.Future[bytes]:
-        """Queue a request; the future gets the msgpack reply. May raise ShardBusy."""
+    def submit(self, user_id: str, request: ShardRequest, reply: Answer) -> None:
+        """Queue a request; ``reply`` is called once, on the event loop, with
+        its msgpack reply.  May raise ShardBusy (then ``reply`` is never called)."""
         ...
 
     async def drain(self) -> None:
@@ -168,12 +326,11 @@ class ShardRouter:
     def __init__(self, batchers: list[ShardBatcher]) -> None:
         self.batchers = batchers
 
-    def start(self) -> None:
-        for batcher in self.batchers:
-            batcher.start()
+    async def start(self) -> None:
+        await asyncio.gather(*(batcher.start() for batcher in self.batchers))
 
-    def submit(self, user_id: str, request: ShardRequest) -> asyncio.Future[bytes]:
-        return self.batchers[shard_of(user_id, len(self.batchers))].submit(user_id, request)
+    def submit(self, user_id: str, request: ShardRequest, reply: Answer) -> None:
+        self.batchers[shard_of(user_id, len(self.batchers))].submit(user_id, request, reply)
 
     async def drain(self) -> None:
         await asyncio.gather(*(b.drain() for b in self.batchers))

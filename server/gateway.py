@@ -554,22 +554,20 @@ class Gateway:
 
     def _route(self, client: Client, user: str, request: ClientMessage) -> None:
         kind: str = request.__struct_config__.tag  # type: ignore[assignment]
-        try:
-            future = self._backend.submit(user, request)  # type: ignore[arg-type]
-        except ShardBusy:
-            error = RequestError(ErrorCode.UNAVAILABLE, "the server is overloaded; retry")
-            return self._refuse(client, request.rid, error, kind)
         binary = client.codec.binary
         started = time.perf_counter()
 
-        def done(f: asyncio.Future[bytes]) -> None:
-            data = f.result()
+        def done(data: bytes) -> None:
             self._reply_now(client, data if binary else _transcode(data))
             outcome = _outcome.decode(data)
             self.metrics.count(kind, outcome.code or "ok")
             self.metrics.timed(kind, time.perf_counter() - started)
 
-        future.add_done_callback(done)
+        try:
+            self._backend.submit(user, request, done)  # type: ignore[arg-type]
+        except ShardBusy:
+            error = RequestError(ErrorCode.UNAVAILABLE, "the server is overloaded; retry")
+            return self._refuse(client, request.rid, error, kind)
 
     def _answer_catalog(self, client: Client, request: CatalogRequest) -> None:
         catalog = self._catalog()

@@ -13,7 +13,7 @@ migration 3).  A purchase
 3. validates (item active, price, holding cap, balance);
 4. debits the wallet and bumps its version, writes the purchase row, the
    inventory row (upsert) and the ledger row;
-5. commits, and only then publishes the ``inventory`` push to Redis.
+5. commits, and only then publishes the ``inventory`` push to Redis, and answers.
 
 ``equip``/``unequip`` and ``grant`` are plain transactions that also take the
 wallet row first (it carries the user's version, and one lock order means no
@@ -63,7 +63,7 @@ from protocol.messages import (
     Unequip,
     Unequipped,
 )
-from server.batching import ShardBusy
+from server.batching import Answer, ShardBusy
 
 __all__ = ["LockBackend"]
 
@@ -108,15 +108,13 @@ class LockBackend:
 
     # --------------------------------------------------------------- Backend
 
-    def submit(self, user_id: str, request: object) -> asyncio.Future[bytes]:
+    def submit(self, user_id: str, request: object, reply: Answer) -> None:
         if len(self._pending) >= self._max_pending:
             raise ShardBusy(f"{len(self._pending)} requests waiting for the database")
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        task = asyncio.get_running_loop().create_task(self._serve(user_id, request, future))
+        task = asyncio.get_running_loop().create_task(self._serve(user_id, request, reply))
         self._pending.add(task)
         self._idle.clear()
         task.add_done_callback(self._finished)
-        return future
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._pending.discard(task)
@@ -135,7 +133,7 @@ class LockBackend:
 
     # --------------------------------------------------------------- serving
 
-    async def _serve(self, user_id: str, request: object, future: asyncio.Future[bytes]) -> None:
+    async def _serve(self, user_id: str, request: object, answer: Answer) -> None:
         rid = getattr(request, "rid", None)
         pushes: list[ServerMessage] = []
         try:
@@ -147,16 +145,21 @@ class LockBackend:
             log.warning("lock transaction for %s failed: %r", user_id, exc)
             data = self._error(rid, ErrorCode.UNAVAILABLE, "the database failed; retry")
         except asyncio.CancelledError:
-            future.set_result(self._error(rid, ErrorCode.UNAVAILABLE, "shutting down; retry"))
+            answer(self._error(rid, ErrorCode.UNAVAILABLE, "shutting down; retry"))
             raise
         except Exception:
             log.exception("bug in the lock baseline serving %s", type(request).__name__)
             data = self._error(rid, ErrorCode.INTERNAL, "internal error")
-        if not future.done():
-            future.set_result(data)
-        if pushes:
+        if pushes:  # published before the answer, as the actor core does
             channel = user_channel(user_id)
-            self._pushes.publish([(channel, self._encoder.encode(p)) for p in pushes])
+            try:
+                await self._pushes.publish_and_wait(
+                    [(channel, self._encoder.encode(p)) for p in pushes]
+                )
+            except asyncio.CancelledError:
+                answer(data)
+                raise
+        answer(data)
 
     async def _handle(self, user_id: str, request: object, pushes: list[ServerMessage]) -> Reply:
         assert self._pool is not None

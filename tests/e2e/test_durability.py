@@ -10,6 +10,8 @@ import msgspec
 import ray
 from websockets.exceptions import ConnectionClosed
 
+from actors.host import BatchItem
+from actors.link import Endpoint, decode_replies, encode_batch, frame
 from actors.shard import shard_name
 from protocol.messages import Purchase, Role
 from tests.e2e.support import Client, ServerProcess, new_user
@@ -87,7 +89,8 @@ async def test_acknowledged_changes_survive_sigkill(fresh_server: ServerProcess)
     # The killed run's shard actors are still alive in Ray; they must not write.
     for shard in range(server.shards):
         stale = ray.get_actor(shard_name(shard), namespace=old_namespace)
-        replies = await stale.apply.remote(
+        replies = await _apply_over_link(
+            await stale.endpoint.remote(),
             10**9,  # make it reload the catalog, then try to buy
             [(u, Purchase(rid=1, key="stale", sku="plat.booster.xp", price=5)) for u in users],
         )
@@ -95,6 +98,19 @@ async def test_acknowledged_changes_survive_sigkill(fresh_server: ServerProcess)
             assert msgspec.msgpack.decode(reply)["code"] == "unavailable"
     assert await _snapshot(server, users) == after
     server.stop()
+
+
+async def _apply_over_link(
+    endpoint: Endpoint, catalog_version: int, items: list[BatchItem]
+) -> list[bytes]:
+    """Send one batch to a shard the way a gateway does (actors/link.py)."""
+    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    try:
+        writer.write(frame(endpoint.token) + encode_batch(catalog_version, items))
+        size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 30), "big")
+        return decode_replies(await asyncio.wait_for(reader.readexactly(size), 30))
+    finally:
+        writer.close()
 
 
 async def test_graceful_stop_keeps_everything(fresh_server: ServerProcess) -> None:

@@ -87,7 +87,7 @@ async def test_time_limited_item_and_extension(server: ServerProcess) -> None:
     await fund(server, user, 200)
     async with await Client.open(server, user) as c:
         trial = {"type": "purchase", "sku": "br.skin.ghost.trial", "price": 50}
-        before = time.time() * 1000
+        before = time.time_ns() // 1_000_000  # the server's clock, in whole ms
         await c.request({**trial, "key": "t1"})
         (held,) = (await c.request({"type": "state"}))["inventory"]
         week = 7 * 86_400_000

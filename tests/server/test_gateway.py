@@ -22,6 +22,7 @@ from actors.catalog import Catalog, demo_catalog_text, parse_catalog
 from actors.host import ShardRequest
 from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
 from server.auth import issue_token
+from server.batching import Answer
 from server.gateway import Gateway, GatewayLimits
 from server.ratelimit import RateLimiter
 
@@ -32,20 +33,17 @@ class HeldBackend:
     """Records what the gateway submits and answers it on ``release``."""
 
     def __init__(self) -> None:
-        self.submitted: list[tuple[str, ShardRequest, asyncio.Future[bytes]]] = []
+        self.submitted: list[tuple[str, ShardRequest, Answer]] = []
+        self.answered = 0
 
-    def submit(self, user_id: str, request: ShardRequest) -> asyncio.Future[bytes]:
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.submitted.append((user_id, request, future))
-        return future
+    def submit(self, user_id: str, request: ShardRequest, reply: Answer) -> None:
+        self.submitted.append((user_id, request, reply))
 
     def release(self) -> int:
-        count = 0
-        for _, request, future in self.submitted:
-            if not future.done():
-                future.set_result(msgspec.msgpack.encode({"type": "test", "rid": request.rid}))
-                count += 1
-        return count
+        waiting, self.answered = self.submitted[self.answered :], len(self.submitted)
+        for _, request, reply in waiting:
+            reply(msgspec.msgpack.encode({"type": "test", "rid": request.rid}))
+        return len(waiting)
 
     async def drain(self) -> None:
         pass

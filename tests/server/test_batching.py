@@ -1,0 +1,130 @@
+"""The gateway's batcher over a real shard link (an in-process LinkServer in
+front of a stand-in host; Ray is only how the batcher finds the endpoint,
+and the end-to-end tests cover it)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import msgspec
+import pytest
+
+from actors.link import Endpoint, LinkServer
+from protocol.messages import State
+from server.batching import ShardBatcher
+from tests.actors.test_link import Host
+
+
+class _Method:
+    def __init__(self, result: Any) -> None:
+        self._result = result
+
+    def remote(self) -> Awaitable[Endpoint]:
+        async def call() -> Endpoint:
+            if isinstance(self._result, Exception):
+                raise self._result
+            result: Endpoint = await self._result()
+            return result
+
+        return call()
+
+
+class FakeHandle:
+    """Answers ``endpoint.remote()`` the way the shard actor does."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = _Method(endpoint)
+
+
+class Replies:
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+
+    def __call__(self, data: bytes) -> None:
+        self.got.append(msgspec.msgpack.decode(data))
+
+    async def count(self, n: int) -> None:
+        for _ in range(1000):
+            if len(self.got) >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{len(self.got)} replies, wanted {n}")
+
+
+@pytest.fixture
+async def linked() -> AsyncIterator[tuple[ShardBatcher, Host]]:
+    host = Host()
+    server = LinkServer(0, host.apply_batch)
+
+    async def endpoint() -> Endpoint:
+        return await server.start("127.0.0.1")
+
+    batcher = ShardBatcher(0, FakeHandle(endpoint), lambda: 5, timeout=0.5)
+    await batcher.start()
+    try:
+        yield batcher, host
+    finally:
+        await batcher.close()
+        await server.close()
+
+
+async def test_one_loop_turn_is_one_batch_and_one_batch_is_in_flight(
+    linked: tuple[ShardBatcher, Host],
+) -> None:
+    batcher, host = linked
+    replies = Replies()
+    host.hold.clear()
+    for rid in range(3):
+        batcher.submit("u", State(rid=rid), replies)
+    await asyncio.sleep(0.1)
+    for rid in range(3, 5):
+        batcher.submit("u", State(rid=rid), replies)
+    await asyncio.sleep(0.1)
+    assert host.started == [[0, 1, 2]]  # 3 and 4 wait for the reply
+    host.hold.set()
+    await replies.count(5)
+    assert host.started == [[0, 1, 2], [3, 4]]
+    assert [r["rid"] for r in replies.got] == [0, 1, 2, 3, 4]
+    assert all(r["v"] == 5 for r in replies.got)  # the catalog version travels
+
+
+async def test_a_timed_out_batch_is_answered_and_the_next_waits_for_it(
+    linked: tuple[ShardBatcher, Host],
+) -> None:
+    batcher, host = linked
+    replies = Replies()
+    host.hold.clear()
+    batcher.submit("u", State(rid=1), replies)
+    await replies.count(1)  # after the 0.5 s timeout
+    assert replies.got[0]["type"] == "error" and replies.got[0]["code"] == "unavailable"
+    batcher.submit("u", State(rid=2), replies)  # goes out on a new link
+    await asyncio.sleep(0.3)
+    assert host.started == [[1]]  # ... and waits for the lost batch on the shard
+    host.hold.set()
+    await replies.count(2)
+    assert replies.got[1] == {"rid": 2, "v": 5}
+    assert host.finished == [[1], [2]]
+    await batcher.drain()
+
+
+async def test_close_answers_what_waits(linked: tuple[ShardBatcher, Host]) -> None:
+    batcher, host = linked
+    replies = Replies()
+    host.hold.clear()
+    batcher.submit("u", State(rid=1), replies)
+    await asyncio.sleep(0.1)
+    batcher.submit("u", State(rid=2), replies)
+    await batcher.close()
+    assert [(r["rid"], r["code"]) for r in replies.got] == [(1, "unavailable"), (2, "unavailable")]
+    batcher.submit("u", State(rid=3), replies)
+    assert replies.got[-1]["rid"] == 3 and replies.got[-1]["code"] == "unavailable"
+    await batcher.drain()
+
+
+async def test_no_endpoint_in_time_fails_the_start() -> None:
+    batcher = ShardBatcher(0, FakeHandle(ConnectionError("no actor")), lambda: 1, timeout=0.3)
+    with pytest.raises(ConnectionError, match="took no link"):
+        await batcher.start()
+    await batcher.close()
