@@ -3,7 +3,7 @@
 Shards publish a user's pushes to ``loadout:user:<id>`` once the change is
 durable; every gateway subscribes to the channels of the users it has
 connections for and forwards what arrives.  The catalog channel announces
-new catalog versions.
+new catalog versions.  Messages are read below redis-py (``server/subscriber.py``).
 """
 
 from __future__ import annotations
@@ -13,18 +13,20 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
 from actors.host import catalog_channel, stock_channel, user_channel
+from server.subscriber import Subscriber
 
 __all__ = ["PushFanout"]
 
 log = logging.getLogger("loadout.pushes")
 
-_USER_PREFIX = user_channel("")
+_USER_PREFIX = user_channel("").encode()
+_STOCK = stock_channel().encode()
+_CATALOG = catalog_channel().encode()
 _stock = msgspec.msgpack.Decoder(tuple[str, int])
 SUBSCRIBE_TIMEOUT = 5.0
 
@@ -39,29 +41,27 @@ class PushFanout:
     ) -> None:
         self._stock_changed = stock_changed
         self._redis = redis
-        self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        self._subscriber = Subscriber(redis, self._on_message)
         self._deliver = deliver
         self._catalog_changed = catalog_changed
         self._users: Counter[str] = Counter()
-        self._task: asyncio.Task[None] | None = None
         self._changes: asyncio.Queue[tuple[bool, str]] = asyncio.Queue()
         self._subscribed: dict[str, asyncio.Future[None]] = {}
         self._catalog_tasks: set[asyncio.Task[None]] = set()
-        self._subscriber: asyncio.Task[None] | None = None
+        self._changer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self._pubsub.subscribe(catalog_channel(), stock_channel())
+        await self._subscriber.start()
+        await self._subscriber.subscribe(catalog_channel(), stock_channel())
         loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._listen(), name="push-listener")
-        self._subscriber = loop.create_task(self._apply_changes(), name="push-subscriptions")
+        self._changer = loop.create_task(self._apply_changes(), name="push-subscriptions")
 
     async def close(self) -> None:
-        for task in (self._task, self._subscriber):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        if self._changer is not None:
+            self._changer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._changer
+        await self._subscriber.close()
 
     async def watch(self, user_id: str) -> None:
         """A connection of this user opened here: returns once the user's
@@ -94,9 +94,9 @@ class PushFanout:
             drop = [user_channel(u) for u, on in wanted.items() if not on and u not in self._users]
             try:
                 if add:
-                    await self._pubsub.subscribe(*add)
+                    await self._subscriber.subscribe(*add)
                 if drop:
-                    await self._pubsub.unsubscribe(*drop)
+                    await self._subscriber.unsubscribe(*drop)
             except Exception as exc:
                 log.error("could not change push subscriptions: %r", exc)
                 for user, on in wanted.items():
@@ -109,29 +109,14 @@ class PushFanout:
                 if ready is not None and not ready.done():
                     ready.set_result(None)
 
-    async def _listen(self) -> None:
-        while True:
-            try:
-                async for message in self._pubsub.listen():
-                    self._on_message(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error("push listener lost Redis: %r; retrying", exc)
-                await asyncio.sleep(0.5)
-
-    def _on_message(self, message: dict[str, Any]) -> None:
-        if message.get("type") != "message":
-            return
-        channel = message["channel"]
-        channel = channel.decode() if isinstance(channel, bytes) else channel
+    def _on_message(self, channel: bytes, data: bytes) -> None:
         if channel.startswith(_USER_PREFIX):
-            self._deliver(channel[len(_USER_PREFIX) :], message["data"])
-        elif channel == stock_channel():
-            sku, left = _stock.decode(message["data"])
+            self._deliver(channel[len(_USER_PREFIX) :].decode(), data)
+        elif channel == _STOCK:
+            sku, left = _stock.decode(data)
             self._stock_changed(sku, left)
-        elif channel == catalog_channel():
-            task = asyncio.get_running_loop().create_task(self._on_catalog(int(message["data"])))
+        elif channel == _CATALOG:
+            task = asyncio.get_running_loop().create_task(self._on_catalog(int(data)))
             self._catalog_tasks.add(task)
             task.add_done_callback(self._catalog_tasks.discard)
 

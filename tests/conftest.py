@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from persistence.embedded import EmbeddedRedis
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -31,3 +34,13 @@ def ray_address() -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """An embedded Redis of the test's own, stopped by pid."""
+    server = EmbeddedRedis(tmp_path / "redis-data")
+    try:
+        yield server.start()
+    finally:
+        server.stop(timeout=5.0)

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 import redis.asyncio as aioredis
 
-from persistence.embedded import EmbeddedRedis
 from persistence.publisher import PushPublisher
-
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    server = EmbeddedRedis(tmp_path / "data")
-    try:
-        yield server.start()
-    finally:
-        server.stop(timeout=5.0)  # by pid, through its Popen
 
 
 async def test_publish_and_wait_returns_once_redis_has_the_pushes(redis_url: str) -> None:
