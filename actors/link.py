@@ -13,15 +13,19 @@ The wire is length-prefixed frames (4 bytes, big-endian), MessagePack inside:
 
 - gateway to shard, first frame: the token the shard handed out through Ray
   (``ShardActor.endpoint``), so only a process that can call the actor can
-  send it batches; a wrong token closes the connection;
+  send it batches (a wrong token closes the connection), then the sender's
+  id (8 bytes, the same for all links of one gateway batcher);
 - gateway to shard, then: ``[catalog_version, [[user_id, request], ...]]``;
 - shard to gateway: ``[reply, ...]``, the msgpack replies of one batch, in its
   order, once the batch is durable.
 
 A shard serves one connection's batches one after the other.  When a
-connection is lost with a batch still applying, later connections wait for
-that batch to finish before theirs start: the gateway reconnects and sends
-the next batch at once, and it must not overtake the one it lost track of.
+connection is lost with a batch still applying, the same sender's later
+connections wait for that batch to finish before theirs start: the gateway
+reconnects and sends the next batch at once, and it must not overtake the
+one it lost track of.  A sender's new connection also supersedes its old one
+at once, so the guarantee holds even when the shard never saw the old one
+drop (a reset lost between hosts).
 
 ``FrameReader`` is the sans-I/O part (no asyncio), tested without sockets.
 """
@@ -59,9 +63,13 @@ log = logging.getLogger("loadout.link")
 _HEADER = struct.Struct(">I")
 #: Largest frame either side accepts (a batch of 4,096 requests is far below).
 MAX_FRAME = 256 * 1024 * 1024
-#: A connection must send its token, at most this long, within this many seconds.
+#: A connection must send its first frame, at most this long, within this many seconds.
 _TOKEN_FRAME = 64
 _TOKEN_SECONDS = 10.0
+#: Connections not yet past their first frame, at most (more are closed at once).
+_UNTRUSTED = 64
+TOKEN_SIZE = 16
+SENDER_SIZE = 8
 
 _encoder = msgspec.msgpack.Encoder()
 _batch = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, ShardRequest]]])
@@ -128,29 +136,47 @@ class LinkServer:
     def __init__(self, shard: int, apply: Apply) -> None:
         self._shard = shard
         self._apply = apply
-        self._token = secrets.token_bytes(16)
+        self._token = secrets.token_bytes(TOKEN_SIZE)
         self._server: asyncio.Server | None = None
-        self._endpoint: Endpoint | None = None
-        self._orphans: set[asyncio.Task[None]] = set()  # batches whose connection was lost
+        self._starting: asyncio.Task[Endpoint] | None = None
+        #: Per sender: batches whose connection was lost while they applied.
+        self._orphans: dict[bytes, set[asyncio.Task[None]]] = {}
+        self._links: dict[bytes, _ShardSide] = {}  # per sender, its current connection
         self._connections: set[_ShardSide] = set()
+        self._untrusted = 0
 
     async def start(self, host: str) -> Endpoint:
-        if self._endpoint is None:
-            loop = asyncio.get_running_loop()
-            self._server = await loop.create_server(lambda: _ShardSide(self), host, 0)
-            port = self._server.sockets[0].getsockname()[1]
-            self._endpoint = Endpoint(host, port, self._token)
-            log.info("shard %d takes batches on %s:%d", self._shard, host, port)
-        return self._endpoint
+        """Listen (once, however many callers ask at the same time)."""
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(self._listen(host))
+        return await asyncio.shield(self._starting)
+
+    async def _listen(self, host: str) -> Endpoint:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _ShardSide(self), host, 0)
+        port = self._server.sockets[0].getsockname()[1]
+        log.info("shard %d takes batches on %s:%d", self._shard, host, port)
+        return Endpoint(host, port, self._token)
 
     async def close(self) -> None:
+        if self._starting is not None:
+            await asyncio.wait({self._starting})
         if self._server is not None:
             self._server.close()
         for connection in list(self._connections):
             connection.close()
+        self._starting = self._server = None
 
-    def _accepts(self, token: bytes) -> bool:
-        return hmac.compare_digest(token, self._token)
+    def _accepts(self, first: bytes) -> bool:
+        return len(first) == TOKEN_SIZE + SENDER_SIZE and hmac.compare_digest(
+            first[:TOKEN_SIZE], self._token
+        )
+
+    def _orphan(self, sender: bytes, task: asyncio.Task[None] | None) -> None:
+        if task is not None and not task.done():
+            orphans = self._orphans.setdefault(sender, set())
+            orphans.add(task)
+            task.add_done_callback(orphans.discard)
 
 
 class _ShardSide(asyncio.Protocol):
@@ -160,18 +186,36 @@ class _ShardSide(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
         self._trusted = False
+        self._sender = b""
         self._frames: collections.deque[bytes] = collections.deque()
         self._serving: asyncio.Task[None] | None = None
+        self._token_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._peer = str(transport.get_extra_info("peername"))
-        self._server._connections.add(self)
-        asyncio.get_running_loop().call_later(_TOKEN_SECONDS, self._token_overdue)
+        server = self._server
+        server._connections.add(self)
+        if server._untrusted >= _UNTRUSTED:
+            return self._drop(f"over {_UNTRUSTED} connections without a token")
+        server._untrusted += 1
+        self._token_timer = asyncio.get_running_loop().call_later(
+            _TOKEN_SECONDS, self._drop, "no token in time"
+        )
 
-    def _token_overdue(self) -> None:
-        if not self._trusted:
-            self._drop("no token in time")
+    def _trust(self, sender: bytes) -> None:
+        server = self._server
+        self._trusted, self._sender = True, sender
+        server._untrusted -= 1
+        if self._token_timer is not None:
+            self._token_timer.cancel()
+        old = server._links.get(sender)
+        if old is not None and old is not self:
+            # The sender has moved on: what the old connection still applies
+            # is an orphan this one waits for, whether or not we saw it drop.
+            server._orphan(sender, old._serving)
+            old._drop("superseded by a new link from the same sender")
+        server._links[sender] = self
 
     def close(self) -> None:
         if self._transport is not None:
@@ -186,31 +230,38 @@ class _ShardSide(asyncio.Protocol):
             if not self._trusted:
                 if not self._server._accepts(body):
                     return self._drop("wrong token")
-                self._trusted = True
+                self._trust(body[TOKEN_SIZE:])
                 continue
             self._frames.append(body)
         if self._frames and self._serving is None:
             self._serving = asyncio.get_running_loop().create_task(self._serve())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server._connections.discard(self)
+        server = self._server
+        server._connections.discard(self)
+        if self._token_timer is not None:
+            self._token_timer.cancel()
+            if not self._trusted:
+                server._untrusted -= 1
         self._transport = None
         self._frames.clear()
-        task = self._serving
-        if task is not None and not task.done():
-            # Still applying: a later connection's batches wait for it.
-            self._server._orphans.add(task)
-            task.add_done_callback(self._server._orphans.discard)
+        if self._trusted:
+            # Still applying: the sender's later connections wait for it.
+            server._orphan(self._sender, self._serving)
+            if server._links.get(self._sender) is self:
+                del server._links[self._sender]
 
     def _drop(self, reason: str) -> None:
-        log.warning("shard %d: closing link from %s: %s", self._server._shard, self._peer, reason)
         self._frames.clear()
         if self._transport is not None:
+            log.warning(
+                "shard %d: closing link from %s: %s", self._server._shard, self._peer, reason
+            )
             self._transport.abort()
 
     async def _serve(self) -> None:
         try:
-            orphans = set(self._server._orphans)
+            orphans = set(self._server._orphans.get(self._sender, ()))
             if orphans:
                 await asyncio.wait(orphans)
             while self._frames:

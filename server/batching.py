@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
@@ -25,7 +26,15 @@ from typing import Any, Protocol, cast
 import msgspec
 
 from actors.host import BatchItem, ShardRequest
-from actors.link import Endpoint, FrameError, FrameReader, decode_replies, encode_batch, frame
+from actors.link import (
+    SENDER_SIZE,
+    Endpoint,
+    FrameError,
+    FrameReader,
+    decode_replies,
+    encode_batch,
+    frame,
+)
 from actors.shard import shard_of
 from protocol.errors import ErrorCode
 from protocol.messages import Error
@@ -82,6 +91,8 @@ class _Link(asyncio.Protocol):
         except FrameError as exc:
             return self.abort(str(exc))
         for body in frames:
+            if self.transport is None or self.transport.is_closing():
+                return  # dropped on an earlier frame: trust nothing after it
             self._batcher._replied(self, body)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -124,6 +135,8 @@ class ShardBatcher:
         self._in_flight: _Batch | None = None
         self._send_scheduled = False
         self._closed = False
+        #: Who we are to the shard: its new links' batches wait for our lost ones.
+        self._sender = secrets.token_bytes(SENDER_SIZE)
         self._linked = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -137,6 +150,7 @@ class ShardBatcher:
         try:
             await asyncio.wait_for(self._linked.wait(), self._timeout)
         except TimeoutError:
+            self._connecting.cancel()
             raise ConnectionError(f"shard {self.shard} took no link in {self._timeout} s") from None
 
     async def close(self) -> None:
@@ -183,34 +197,43 @@ class ShardBatcher:
         return self._down_since is not None and time.monotonic() - self._down_since > self._timeout
 
     async def _connect(self) -> None:
-        assert self._loop is not None
+        """Find the shard through Ray and link to it, retrying until it works
+        (or the batcher closes)."""
         delay = 0.05
-        while True:
+        while not self._closed:
             try:
-                endpoint: Endpoint = await asyncio.wait_for(
-                    self._handle.endpoint.remote(), self._timeout
-                )
-                _, link = await asyncio.wait_for(
-                    self._loop.create_connection(lambda: _Link(self), endpoint.host, endpoint.port),
-                    self._timeout,
-                )
+                link = await self._link_once()
             except Exception as exc:
-                log.warning(
-                    "shard %d: no link yet (%r); retrying in %.2f s", self.shard, exc, delay
-                )
+                log.warning("shard %d: no link (%r); retrying in %.2f s", self.shard, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 if self._unreachable():
                     self._fail_waiting("the shard is not reachable; retry")
                 continue
-            assert link.transport is not None
-            link.transport.write(frame(endpoint.token))
-            self._link, self._down_since = link, None
+            if link is None:  # closed meanwhile
+                return
+            self._link, self._down_since, self._connecting = link, None, None
             self._linked.set()
-            log.info("shard %d linked at %s:%d", self.shard, endpoint.host, endpoint.port)
-            self._connecting = None
             self._send()
             return
+
+    async def _link_once(self) -> _Link | None:
+        assert self._loop is not None
+        endpoint: Endpoint = await asyncio.wait_for(self._handle.endpoint.remote(), self._timeout)
+        _, link = await asyncio.wait_for(
+            self._loop.create_connection(lambda: _Link(self), endpoint.host, endpoint.port),
+            self._timeout,
+        )
+        transport = link.transport
+        if self._closed:
+            if transport is not None:
+                transport.close()
+            return None
+        if transport is None or transport.is_closing():
+            raise ConnectionError("the link closed as it opened")
+        transport.write(frame(endpoint.token + self._sender))
+        log.info("shard %d linked at %s:%d", self.shard, endpoint.host, endpoint.port)
+        return link
 
     def _lost(self, link: _Link, exc: Exception | None) -> None:
         if link is not self._link:
@@ -223,6 +246,8 @@ class ShardBatcher:
         if batch is not None:
             self._finish(batch)
             self._answer_all(batch, _LOST)
+        if not self._items:
+            self._idle.set()
         if not self._closed and self._connecting is None:
             assert self._loop is not None
             self._connecting = self._loop.create_task(self._connect(), name=f"link-{self.shard}")
@@ -248,10 +273,10 @@ class ShardBatcher:
             return  # the reconnection sends what waits
         batch = _Batch(self._items[: self._max_batch], self._replies[: self._max_batch])
         del self._items[: self._max_batch], self._replies[: self._max_batch]
-        self._on_batch(len(batch.items))
         try:
+            self._on_batch(len(batch.items))
             data = encode_batch(self._catalog_version(), batch.items)
-        except (OverflowError, TypeError, ValueError) as exc:  # a bug: never stop the queue
+        except Exception as exc:  # a bug: never stop the queue
             log.error("shard %d: batch of %d not encodable: %r", self.shard, len(batch.items), exc)
             self._answer_all(batch, "internal error; retry")
             return self._send()

@@ -21,6 +21,8 @@ from actors.link import (
 )
 from protocol.messages import State
 
+SENDER = b"sender.1"
+
 # ---------------------------------------------------------------- framing
 
 
@@ -94,10 +96,10 @@ async def shard() -> AsyncIterator[tuple[LinkServer, Endpoint, Host]]:
 
 
 async def _connect(
-    endpoint: Endpoint, token: bytes | None = None
+    endpoint: Endpoint, token: bytes | None = None, sender: bytes = SENDER
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
-    writer.write(frame(endpoint.token if token is None else token))
+    writer.write(frame(endpoint.token + sender if token is None else token))
     return reader, writer
 
 
@@ -114,7 +116,7 @@ def _batch(*rids: int) -> bytes:
 async def test_batches_are_answered_in_order(shard: tuple[LinkServer, Endpoint, Host]) -> None:
     _, endpoint, host = shard
     reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
-    writer.write(frame(endpoint.token) + _batch(1, 2) + _batch(3))  # one write, as may happen
+    writer.write(frame(endpoint.token + SENDER) + _batch(1, 2) + _batch(3))  # one write
     assert await _reply(reader) == [{"rid": 1, "v": 3}, {"rid": 2, "v": 3}]
     assert await _reply(reader) == [{"rid": 3, "v": 3}]
     assert host.started == [[1, 2], [3]]
@@ -173,3 +175,58 @@ async def test_a_new_link_waits_for_the_batch_a_lost_link_left_running(
     assert await _reply(reader) == [{"rid": 2, "v": 3}]
     assert host.finished == [[1], [2]]
     second.close()
+
+
+async def _started(host: Host, count: int) -> None:
+    for _ in range(500):
+        if len(host.started) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(host.started)} batches started, wanted {count}")
+
+
+async def test_a_new_link_supersedes_the_old_one_even_unseen_dropped(
+    shard: tuple[LinkServer, Endpoint, Host],
+) -> None:
+    """Between hosts the old link's reset can be lost: the shard must not
+    wait to see it drop before it orders the sender's batches."""
+    _, endpoint, host = shard
+    host.hold.clear()
+    old_reader, old = await _connect(endpoint)
+    old.write(_batch(1))
+    await _started(host, 1)
+    reader, new = await _connect(endpoint)  # the old one is still open here
+    new.write(_batch(2))
+    assert await asyncio.wait_for(old_reader.read(), 10) == b""  # the shard closed it
+    await asyncio.sleep(0.2)
+    assert host.started == [[1]]
+    host.hold.set()
+    assert await _reply(reader) == [{"rid": 2, "v": 3}]
+    assert host.finished == [[1], [2]]
+    new.close()
+
+
+async def test_another_senders_lost_batch_does_not_hold_this_one(
+    shard: tuple[LinkServer, Endpoint, Host],
+) -> None:
+    _, endpoint, host = shard
+    host.hold.clear()
+    _, first = await _connect(endpoint, sender=b"gateway1")
+    first.write(_batch(1))
+    await _started(host, 1)
+    first.transport.abort()
+    _, second = await _connect(endpoint, sender=b"gateway2")
+    second.write(_batch(2))
+    await _started(host, 2)  # does not wait for gateway1's orphan
+    host.hold.set()
+    second.close()
+
+
+async def test_gateways_starting_together_get_one_listener() -> None:
+    host = Host()
+    server = LinkServer(1, host.apply_batch)
+    first, second = await asyncio.gather(server.start("127.0.0.1"), server.start("127.0.0.1"))
+    assert first == second
+    await server.close()
+    with pytest.raises(OSError):
+        await asyncio.open_connection(first.host, first.port)

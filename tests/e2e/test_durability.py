@@ -106,7 +106,7 @@ async def _apply_over_link(
     """Send one batch to a shard the way a gateway does (actors/link.py)."""
     reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
     try:
-        writer.write(frame(endpoint.token) + encode_batch(catalog_version, items))
+        writer.write(frame(endpoint.token + b"e2e-test") + encode_batch(catalog_version, items))
         size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 30), "big")
         return decode_replies(await asyncio.wait_for(reader.readexactly(size), 30))
     finally:

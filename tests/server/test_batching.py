@@ -5,6 +5,11 @@ and the end-to-end tests cover it)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -13,6 +18,7 @@ import pytest
 
 from actors.link import Endpoint, LinkServer
 from protocol.messages import State
+from server import batching
 from server.batching import ShardBatcher
 from tests.actors.test_link import Host
 
@@ -128,3 +134,53 @@ async def test_no_endpoint_in_time_fails_the_start() -> None:
     with pytest.raises(ConnectionError, match="took no link"):
         await batcher.start()
     await batcher.close()
+
+
+async def test_a_link_that_closes_as_it_opens_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard that dies just after ``endpoint()`` answered: the reset can reach
+    the new link before the connecting coroutine resumes (a busy loop turn,
+    here a 50 ms sleep).  The batcher must retry, not give up for good."""
+    original = batching._Link.connection_made
+
+    def busy(self: batching._Link, transport: asyncio.BaseTransport) -> None:
+        original(self, transport)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(batching._Link, "connection_made", busy)
+    resetting = socket.socket()
+    resetting.bind(("127.0.0.1", 0))
+    resetting.listen(16)
+
+    def reset_everything() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = resetting.accept()
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+    threading.Thread(target=reset_everything, daemon=True).start()
+    host = Host()
+    server = LinkServer(0, host.apply_batch)
+    dying = True
+
+    async def endpoint() -> Endpoint:
+        if dying:
+            return Endpoint("127.0.0.1", resetting.getsockname()[1], b"t" * 16)
+        return await server.start("127.0.0.1")
+
+    batcher = ShardBatcher(0, FakeHandle(endpoint), lambda: 5, timeout=2.0)
+    try:
+        with pytest.raises(ConnectionError):  # no link while the shard resets
+            await batcher.start()
+        batcher._connecting = asyncio.get_running_loop().create_task(batcher._connect())
+        await asyncio.sleep(0.3)
+        dying = False  # the shard is back
+        await asyncio.wait_for(batcher._linked.wait(), 10)
+        replies = Replies()
+        batcher.submit("u", State(rid=1), replies)
+        await replies.count(1)
+        assert replies.got == [{"rid": 1, "v": 5}]
+    finally:
+        resetting.close()
+        await batcher.close()
+        await server.close()
