@@ -151,7 +151,7 @@ class ShardHost(SagaMixin):
         )
         self._journal.start()
         self._pushes = PushPublisher(self._redis, s.push_queue)
-        self._pushes.start()
+        await self._pushes.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._passivate_idle(), name="passivation"),
@@ -393,7 +393,8 @@ class ShardHost(SagaMixin):
         assert self._journal is not None
         await self._journal.write(records)
         if self._pushes is not None:
-            await self._pushes.publish_and_wait(pushes)
+            # Written to Redis now, before the answer goes out (publisher.py).
+            self._pushes.publish(pushes)
 
     def _record(self, user_id: str, change: Change) -> JournalRecord:
         entry = change.ledger

@@ -104,7 +104,7 @@ class LockBackend:
         self._pool = await store.open_pool(
             self._database_url, min_size=self._pool_size, max_size=self._pool_size
         )
-        self._pushes.start()
+        await self._pushes.start()
 
     # --------------------------------------------------------------- Backend
 
@@ -150,15 +150,9 @@ class LockBackend:
         except Exception:
             log.exception("bug in the lock baseline serving %s", type(request).__name__)
             data = self._error(rid, ErrorCode.INTERNAL, "internal error")
-        if pushes:  # published before the answer, as the actor core does
+        if pushes:  # written to Redis before the answer, as the actor core does
             channel = user_channel(user_id)
-            try:
-                await self._pushes.publish_and_wait(
-                    [(channel, self._encoder.encode(p)) for p in pushes]
-                )
-            except asyncio.CancelledError:
-                answer(data)
-                raise
+            self._pushes.publish([(channel, self._encoder.encode(p)) for p in pushes])
         answer(data)
 
     async def _handle(self, user_id: str, request: object, pushes: list[ServerMessage]) -> Reply:
