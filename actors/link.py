@@ -56,6 +56,7 @@ __all__ = [
     "decode_replies",
     "encode_batch",
     "frame",
+    "unavailable",
 ]
 
 log = logging.getLogger("loadout.link")
@@ -274,13 +275,17 @@ class _ShardSide(asyncio.Protocol):
                     replies = await self._server._apply(catalog_version, items)
                 except Exception:
                     log.exception("shard %d: batch of %d failed", self._server._shard, len(items))
-                    replies = [_unavailable(request.rid) for _, request in items]
+                    message = "the shard failed; retry with the same key"
+                    replies = [unavailable(request.rid, message) for _, request in items]
                 if self._transport is not None:
                     self._transport.write(frame(_encoder.encode(replies)))
         finally:
             self._serving = None
 
 
-def _unavailable(rid: str | int | None) -> bytes:
-    message = "the shard failed; retry with the same key"
-    return _encoder.encode(Error(rid=rid, code=ErrorCode.UNAVAILABLE.value, message=message))
+def unavailable(rid: str | int | None, message: str) -> bytes:
+    """An ``unavailable`` error reply (for a request the shard did not answer)."""
+    try:
+        return _encoder.encode(Error(rid=rid, code=ErrorCode.UNAVAILABLE.value, message=message))
+    except (OverflowError, TypeError):  # never let one odd rid stop a batch
+        return _encoder.encode(Error(rid=None, code=ErrorCode.UNAVAILABLE.value, message=message))

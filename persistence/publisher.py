@@ -11,8 +11,8 @@ publishes each: one command and one reply.  ``publish`` writes that command
 to the socket before it returns (``persistence/resp.py``), so a caller that
 answers its client afterwards has already handed the pushes to Redis: a
 connection the client opens after the answer subscribes after them, and
-cannot get a push about a change made before it was open.  Nobody waits for
-Redis's reply (``publish_and_wait`` does, for tests and tools).
+cannot get a push about a change made before it was open.  Nobody needs to
+wait for Redis's reply; the future ``publish`` returns tells when it came.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ log = logging.getLogger("loadout.pushes")
 #: (channel, payload) pairs published together.
 Pushes = list[tuple[str, bytes]]
 CLOSE_SECONDS = 5.0
-#: How long ``publish_and_wait`` waits for Redis's reply.
-PUBLISH_WAIT = 1.0
 
 #: ARGV holds channel, payload, channel, payload...
 _PUBLISH_ALL = b"""
@@ -88,12 +86,6 @@ class PushPublisher:
 
         reply.add_done_callback(answered)
         return done
-
-    async def publish_and_wait(self, pushes: Pushes) -> None:
-        """Publish, and wait (at most ``PUBLISH_WAIT``) until Redis has answered."""
-        done = self.publish(pushes)
-        if not done.done():
-            await asyncio.wait((done,), timeout=PUBLISH_WAIT)
 
     async def close(self) -> None:
         """Wait (a few seconds at most) for Redis to answer what was written, then stop."""

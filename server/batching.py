@@ -34,16 +34,14 @@ from actors.link import (
     decode_replies,
     encode_batch,
     frame,
+    unavailable,
 )
 from actors.shard import shard_of
-from protocol.errors import ErrorCode
-from protocol.messages import Error
 
 __all__ = ["Answer", "Backend", "ShardBatcher", "ShardBusy", "ShardRouter"]
 
 log = logging.getLogger("loadout.batching")
 
-_encoder = msgspec.msgpack.Encoder()
 
 Answer = Callable[[bytes], None]
 """Called once, on the event loop, with a request's msgpack reply."""
@@ -51,13 +49,6 @@ Answer = Callable[[bytes], None]
 
 class ShardBusy(Exception):
     """The shard's queue is full: the request was not sent."""
-
-
-def _unavailable(rid: str | int | None, message: str) -> bytes:
-    try:
-        return _encoder.encode(Error(rid=rid, code=ErrorCode.UNAVAILABLE.value, message=message))
-    except (OverflowError, TypeError):  # never let one odd rid stop the batcher
-        return _encoder.encode(Error(rid=None, code=ErrorCode.UNAVAILABLE.value, message=message))
 
 
 _LOST = "the shard did not answer; retry with the same key"
@@ -174,9 +165,9 @@ class ShardBatcher:
         if len(self._items) >= self._max_queue:
             raise ShardBusy(f"shard {self.shard} has {len(self._items)} requests waiting")
         if self._closed:
-            return reply(_unavailable(request.rid, "server shutting down; retry"))
+            return reply(unavailable(request.rid, "server shutting down; retry"))
         if self._link is None and self._unreachable():
-            return reply(_unavailable(request.rid, "the shard is not reachable; retry"))
+            return reply(unavailable(request.rid, "the shard is not reachable; retry"))
         self._items.append((user_id, request))
         self._replies.append(reply)
         self._idle.clear()
@@ -319,7 +310,7 @@ class ShardBatcher:
     @staticmethod
     def _answer_all(batch: _Batch, message: str) -> None:
         for (_, request), reply in zip(batch.items, batch.replies, strict=True):
-            _call(reply, _unavailable(request.rid, message))
+            _call(reply, unavailable(request.rid, message))
 
 
 def _call(reply: Answer, data: bytes) -> None:

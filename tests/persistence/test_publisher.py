@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import redis.asyncio as aioredis
 
 from persistence.publisher import PushPublisher
@@ -26,7 +28,7 @@ async def test_publish_hands_the_pushes_to_redis_before_it_returns(redis_url: st
             got = [(await pubsub.get_message(timeout=2.0))["data"] for _ in range(3)]  # type: ignore[index]
             assert got == [b"push-1", b"push-2", b"marker"]
         assert publisher.publish([]).done()  # nothing to publish: nothing to wait for
-        await publisher.publish_and_wait([("c", b"push-3")])
+        await asyncio.wait_for(publisher.publish([("c", b"push-3")]), 5)
         assert publisher.dropped == 0
         marker.close()
     finally:
