@@ -8,6 +8,10 @@ random) each get one connection, which acts for that user only; with
 ``--hot``, 1% of the users (at least one per load-generator process) are hot
 and receive half of the purchases, over one connection each.  The users of
 the connections do not change during a run.
+
+The command reaches ``loadout`` through the ``loadout.commands`` entry point
+(``register``, declared in pyproject.toml): the benchmark imports the server,
+never the other way round.
 """
 
 from __future__ import annotations
@@ -33,11 +37,29 @@ from bench.report import comparison_table, machine, merge, plot, run_table, writ
 from bench.server import BenchServer
 from protocol.messages import Role
 from server.auth import issue_token
+from server.config import Settings
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "register", "run"]
 
 GRANT = 10**12  # gems per user: never the limit
 FUND_WINDOW = 2000  # grants in flight on the admin connection
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bench`` to the ``loadout`` command (the ``loadout.commands`` entry point)."""
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark a server (one it starts, or --url); --baseline lock compares",
+        description="Drive a Loadout server with WebSocket clients and report throughput "
+        "and latency (see BENCHMARKS.md).",
+    )
+    add_arguments(bench)
+    bench.set_defaults(run=_cmd_bench)
+
+
+def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    # The bench reads no server settings: the servers it starts get their own.
+    return run(args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

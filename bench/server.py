@@ -1,7 +1,11 @@
-"""A ``loadout serve`` of the bench's own: a child process on a free port and
-a temporary data directory, fully embedded (its own PostgreSQL, Redis and,
-for the actor core, Ray), rate limits raised so that the load is not
-throttled, stopped by pid with SIGTERM (then SIGKILL) and removed after."""
+"""A server of the bench's own: a child process on a free port and a
+temporary data directory, fully embedded (its own PostgreSQL, Redis and, for
+the actor core, Ray), rate limits raised so that the load is not throttled,
+stopped by pid with SIGTERM (then SIGKILL) and removed after.
+
+The actor core is ``loadout serve`` itself; the lock baseline is the bench's
+``python -m bench.lock_server``, the same server with the baseline under the
+gateway."""
 
 from __future__ import annotations
 
@@ -18,7 +22,13 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["BenchServer"]
+__all__ = ["SERVE", "BenchServer"]
+
+#: What runs each core: the ``python -m`` module and its arguments.
+SERVE: dict[str, tuple[str, ...]] = {
+    "actors": ("server.cli", "serve"),
+    "lock": ("bench.lock_server",),
+}
 
 
 def _free_port() -> int:
@@ -32,6 +42,8 @@ class BenchServer:
     def __init__(
         self, core: str, extra_env: Mapping[str, str] | None = None, *, keep: bool = False
     ) -> None:
+        if core not in SERVE:
+            raise ValueError(f"no core {core!r}: one of {', '.join(SERVE)}")
         self.core = core
         self.keep = keep
         self.extra_env = dict(extra_env or {})
@@ -62,7 +74,6 @@ class BenchServer:
             LOADOUT_HOST="127.0.0.1",
             LOADOUT_PORT=str(self.port),
             LOADOUT_SECRET=self.secret,
-            LOADOUT_CORE=self.core,
             LOADOUT_RATE_PER_SECOND="1000000000",
             LOADOUT_RATE_BURST="1000000000",
             LOADOUT_LOG_LEVEL="WARNING",
@@ -71,7 +82,7 @@ class BenchServer:
         env.update(self.extra_env)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve"],
+                [sys.executable, "-m", *SERVE[self.core]],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -18,7 +18,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -32,12 +32,11 @@ from persistence.schema import migrate
 from server.batching import Backend, ShardBatcher, ShardRouter
 from server.config import Settings
 from server.gateway import Gateway
-from server.lock_core import LockBackend
 from server.metrics import Metrics
 from server.pushes import PushFanout
 from server.ratelimit import RateLimiter
 
-__all__ = ["Services", "read_services", "run_server"]
+__all__ = ["BackendFactory", "CatalogHolder", "Services", "read_services", "run_server"]
 
 log = logging.getLogger("loadout.server")
 
@@ -182,7 +181,24 @@ class CatalogHolder:
         return self.catalog
 
 
-async def serve_async(settings: Settings, services: Services, stop: asyncio.Event) -> None:
+class BackendFactory(Protocol):
+    """Another core to serve under the gateway instead of the actor core: it
+    gets what the gateway was started with and returns its ``Backend``
+    started.  The benchmark's lock baseline plugs in here
+    (``python -m bench.lock_server``), so that it can be measured behind the
+    same gateway without being part of the product."""
+
+    async def __call__(
+        self, settings: Settings, services: Services, redis: aioredis.Redis, catalog: CatalogHolder
+    ) -> Backend: ...
+
+
+async def serve_async(
+    settings: Settings,
+    services: Services,
+    stop: asyncio.Event,
+    backend_factory: BackendFactory | None = None,
+) -> None:
     from actors.shard import shard_handles
 
     pool = await store.open_pool(services.database_url)
@@ -198,14 +214,8 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
         metrics = Metrics()
         handles: list[Any] = []
         backend: Backend
-        if settings.core == "lock":
-            # The row-lock baseline under the same gateway (loadout bench --baseline lock).
-            lock = LockBackend(
-                services.database_url, redis, holder.current,
-                starting_balance=settings.starting_balance,
-            )  # fmt: skip
-            await lock.start()
-            backend = lock
+        if backend_factory is not None:
+            backend = await backend_factory(settings, services, redis, holder)
         else:
             shard_settings = [
                 ShardSettings(
@@ -261,8 +271,9 @@ async def serve_async(settings: Settings, services: Services, stop: asyncio.Even
 
         tune_collector()
         log.info(
-            "serving ws://%s:%d/v1/ws (%s core, %d shards, catalog v%d)",
-            settings.host, gateway.port, settings.core, len(handles), holder.catalog.version,
+            "serving ws://%s:%d/v1/ws (%s, %d shards, catalog v%d)",
+            settings.host, gateway.port, type(backend).__name__, len(handles),
+            holder.catalog.version,
         )  # fmt: skip
         sweeper = asyncio.create_task(_sweep(limiter))
         await stop.wait()
@@ -291,14 +302,19 @@ async def _sweep(limiter: RateLimiter) -> None:
         limiter.sweep()
 
 
-def run_server(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT; stop everything started here."""
+def run_server(
+    settings: Settings, backend_factory: BackendFactory | None = None, *, uses_ray: bool = True
+) -> None:
+    """Run until SIGTERM or SIGINT; stop everything started here.
+
+    The actor core serves unless ``backend_factory`` builds another core;
+    ``uses_ray=False`` (a core that needs no Ray) starts no Ray."""
     import uvloop
 
     settings = settings.with_secret()
     services = start_services(settings)
     try:
-        if settings.core != "lock":  # the lock baseline needs no Ray
+        if uses_ray:
             services.ray_local = start_ray(settings)
 
         async def main() -> None:
@@ -306,7 +322,7 @@ def run_server(settings: Settings) -> None:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            await serve_async(settings, services, stop)
+            await serve_async(settings, services, stop, backend_factory)
 
         uvloop.run(main())
     finally:

@@ -1,4 +1,12 @@
-"""The ``loadout`` command (PROTOCOL.md §8)."""
+"""The ``loadout`` command (PROTOCOL.md §8).
+
+Commands that are not the server's own come from the ``loadout.commands``
+entry-point group: each entry names a ``register(commands)`` that adds its
+subparser to ``commands`` and sets ``run`` on it, a ``(Settings, Namespace)
+-> int`` like the commands here.  ``loadout bench`` arrives this way, so that
+the benchmark can use the server while nothing in the server imports the
+benchmark.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +31,10 @@ if TYPE_CHECKING:
     from actors.catalog import Catalog
     from protocol.messages import CatalogItem
 
-__all__ = ["main"]
+__all__ = ["COMMANDS_GROUP", "main"]
+
+#: The entry-point group of the commands other packages add to ``loadout``.
+COMMANDS_GROUP = "loadout.commands"
 
 log = logging.getLogger("loadout.cli")
 
@@ -238,12 +250,6 @@ def _cmd_grant(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(_grant(settings, args))
 
 
-def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    from bench.main import run
-
-    return run(args)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loadout", description="Loadout: a real-time game-commerce server."
@@ -272,16 +278,15 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--reason", default="", help="recorded with the grant")
     grant.add_argument("--url", help="server URL (default from LOADOUT_HOST/LOADOUT_PORT)")
     grant.set_defaults(run=_cmd_grant)
-    bench = commands.add_parser(
-        "bench",
-        help="benchmark a server (one it starts, or --url); --baseline lock compares",
-        description="Drive a Loadout server with WebSocket clients and report throughput "
-        "and latency (see BENCHMARKS.md).",
-    )
-    from bench.main import add_arguments
-
-    add_arguments(bench)
-    bench.set_defaults(run=_cmd_bench)
+    for entry in entry_points(group=COMMANDS_GROUP):
+        try:
+            register = entry.load()
+        except ImportError as exc:
+            # A command whose package is broken or half-installed must not
+            # take ``loadout serve`` down with it.
+            print(f"loadout: no {entry.name!r} command: {exc}", file=sys.stderr)
+            continue
+        register(commands)
     return parser
 
 

@@ -14,10 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["CORES", "ConfigError", "Settings"]
-
-#: What can sit under the gateway: the actor core, or the lock baseline.
-CORES = ("actors", "lock")
+__all__ = ["ConfigError", "Settings"]
 
 
 class ConfigError(ValueError):
@@ -61,8 +58,6 @@ class Settings:
     idle_seconds: float = 600.0
     max_connections: int = 20_000
     log_level: str = "INFO"
-    #: ``actors`` (Loadout) or ``lock`` (the row-lock baseline ``loadout bench`` compares with).
-    core: str = "actors"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,9 +66,6 @@ class Settings:
         level = (env.get("LOADOUT_LOG_LEVEL") or "INFO").upper()
         if not isinstance(logging.getLevelName(level), int):
             raise ConfigError(f"LOADOUT_LOG_LEVEL must be a logging level, not {level!r}")
-        core = (env.get("LOADOUT_CORE") or "actors").lower()
-        if core not in CORES:
-            raise ConfigError(f"LOADOUT_CORE must be one of {', '.join(CORES)}, not {core!r}")
         return cls(
             host=env.get("LOADOUT_HOST") or "127.0.0.1",
             port=_number(env, "LOADOUT_PORT", 8765, 0, 65535),
@@ -91,7 +83,6 @@ class Settings:
             idle_seconds=_number(env, "LOADOUT_IDLE_SECONDS", 600.0, 1.0, 10**7),
             max_connections=_number(env, "LOADOUT_MAX_CONNECTIONS", 20_000, 1, 10**7),
             log_level=level,
-            core=core,
         )
 
     def with_secret(self) -> Settings:

@@ -1,22 +1,33 @@
-"""The lock baseline (``LOADOUT_CORE=lock``) behind the real gateway: the
-replies the bench relies on have the actor core's shapes, idempotency and the
-rules hold, pushes arrive, and what it does not implement says so."""
+"""The lock baseline (``python -m bench.lock_server``) behind the real
+gateway: the replies the bench relies on have the actor core's shapes,
+idempotency and the rules hold, pushes arrive, and what it does not implement
+says so; it starts no Ray and creates its own tables."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
+import psutil
 import pytest
 
+from bench.lock_schema import create_lock_tables
 from protocol.messages import Role
+from server.app import read_services
 from tests.e2e.support import Client, ServerProcess, new_user
+
+LOCK_TABLES = {
+    "lock_wallets", "lock_purchases", "lock_inventory", "lock_ledger", "lock_grants",
+    "lock_profiles", "lock_equipped",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def lock_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     data_dir: Path = tmp_path_factory.mktemp("lock-core")
-    server = ServerProcess(data_dir, None, env={"LOADOUT_CORE": "lock"}).start()
+    server = ServerProcess(data_dir, None, serve=("bench.lock_server",)).start()
     try:
         yield server
     finally:
@@ -87,10 +98,33 @@ async def test_unimplemented_requests_are_unavailable(lock_server: ServerProcess
         assert fresh["version"] == 0 and fresh["profiles"][0]["profile"] == "main"
 
 
-def test_core_setting() -> None:
-    from server.config import ConfigError, Settings
+def test_starts_no_ray(lock_server: ServerProcess) -> None:
+    assert lock_server.process is not None
+    children = psutil.Process(lock_server.process.pid).children(recursive=True)
+    names = " ".join(" ".join(c.cmdline()) for c in children)
+    assert "raylet" not in names and "gcs_server" not in names, names
 
-    assert Settings.from_env({}).core == "actors"
-    assert Settings.from_env({"LOADOUT_CORE": "lock"}).core == "lock"
-    with pytest.raises(ConfigError, match="LOADOUT_CORE"):
-        Settings.from_env({"LOADOUT_CORE": "rows"})
+
+async def test_creates_its_tables_in_a_database_without_them(lock_server: ServerProcess) -> None:
+    """What makes a bench database usable once the product's migrations no
+    longer create the lock tables: a scratch database on the lock server's
+    PostgreSQL, with no migration applied, gets them (twice: idempotent)."""
+    services = read_services(lock_server.data_dir)
+    assert services is not None
+    name = "lock_scratch_" + uuid.uuid4().hex[:8]
+    admin = await asyncpg.connect(services["database_url"])
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        con = await asyncpg.connect(services["database_url"], database=name)
+        try:
+            await create_lock_tables(con)
+            await create_lock_tables(con)
+            rows = await con.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            )
+        finally:
+            await con.close()
+        await admin.execute(f"DROP DATABASE {name}")
+    finally:
+        await admin.close()
+    assert {r["table_name"] for r in rows} == LOCK_TABLES

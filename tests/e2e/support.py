@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``loadout serve`` as a child process on a free port and a data dir."""
+    """``loadout serve`` as a child process on a free port and a data dir.
+
+    ``serve`` is the ``python -m`` module and arguments that run it: another
+    server configured the same way, such as the bench's lock baseline
+    (``("bench.lock_server",)``), can be run in its place."""
 
     def __init__(
         self,
@@ -44,8 +48,10 @@ class ServerProcess:
         ray_address: str | None,
         env: Mapping[str, str] | None = None,
         shards: int = 2,
+        serve: Sequence[str] = ("server.cli", "serve"),
     ) -> None:
         self.data_dir = data_dir
+        self.serve = tuple(serve)
         self.ray_address = ray_address
         self.extra_env = dict(env or {})
         self.shards = shards
@@ -85,7 +91,7 @@ class ServerProcess:
             self.namespaces.append(self.namespace)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve"],
+            [sys.executable, "-m", *self.serve],
             env=self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,

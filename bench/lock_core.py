@@ -1,11 +1,12 @@
 """The lock baseline: the BattleBucks purchase flow behind the Loadout gateway.
 
-``LOADOUT_CORE=lock`` replaces the actor core (``ShardRouter``) with this
-``Backend``, so ``loadout bench --baseline lock`` measures the design Loadout
-replaces with only the core differing (same gateway, codecs, rate limits,
-Redis pushes, PostgreSQL).  It follows battlebucks-design.md §4.3: every
-request is one database transaction on the ``lock_*`` tables (schema
-migration 3).  A purchase
+``python -m bench.lock_server`` serves with this ``Backend`` in place of the
+actor core (``ShardRouter``), so ``loadout bench --baseline lock`` measures
+the design Loadout replaces with only the core differing (same gateway,
+codecs, rate limits, Redis pushes, PostgreSQL).  It is the benchmark's, not
+the product's: it lives in ``bench/`` and creates its own ``lock_*`` tables
+when it starts (``bench/lock_schema.py``).  It follows battlebucks-design.md
+§4.3: every request is one database transaction on those tables.  A purchase
 
 1. checks for an existing purchase with the same ``transaction_id`` (the
    idempotency key) and answers it again if there is one;
@@ -36,7 +37,8 @@ import msgspec
 import redis.asyncio as aioredis
 
 from actors.catalog import Catalog
-from actors.host import user_channel
+from actors.routing import user_channel
+from bench.lock_schema import create_lock_tables
 from persistence import store
 from persistence.publisher import PushPublisher
 from protocol.errors import ErrorCode, RequestError
@@ -104,6 +106,8 @@ class LockBackend:
         self._pool = await store.open_pool(
             self._database_url, min_size=self._pool_size, max_size=self._pool_size
         )
+        async with self._pool.acquire() as con:
+            await create_lock_tables(con)
         await self._pushes.start()
 
     # --------------------------------------------------------------- Backend
