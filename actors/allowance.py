@@ -11,11 +11,12 @@ A purchase of a limited item is a small saga between two entities::
     reserve (allowance) -> debit and grant (user) -> confirm (allowance)
                                  \\-> on refusal: release (allowance)
 
-Every step is idempotent by reservation id (the user and the request's
-idempotency key).  A reservation carries a deadline: the user's shard applies
-the purchase only before it, and the allowance's sweeper settles a
-reservation left behind by a crash only well after it, by looking for the
-purchase in the user's journal (confirm if there, release if not).
+Every step is idempotent by reservation id (one per attempt: see
+``actors.saga``, which holds the saga's decisions).  A reservation carries a
+deadline: the user's shard applies the purchase only before it, and the
+allowance's sweeper settles a reservation left behind by a crash only well
+after it, by looking for its sale in ``reservation_outcomes`` (confirm if
+there, release if not).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ __all__ = [
     "Reservation",
     "allowance_id",
     "left",
-    "reservation_id",
 ]
 
 
@@ -36,8 +36,8 @@ class Reservation(Struct, array_like=True):
     deadline: int
     user: str
     key: str
-    #: The request's fingerprint (hex): the sweeper confirms only a journaled
-    #: change of this very request, not another one under the same key.
+    #: Unused since reservations are per attempt; kept so that states
+    #: written before still decode (the struct is positional).
     fingerprint: str = ""
 
 
@@ -49,12 +49,6 @@ class AllowanceState(Struct, array_like=True):
 def allowance_id(kind: str, name: str) -> str:
     """``stock:<sku>`` or ``promo:<code>``: never a user id (those have no ':')."""
     return f"{kind}:{name}"
-
-
-def reservation_id(user: str, key: str, fingerprint: str) -> str:
-    """One reservation per (user, key, request): a different request under the
-    same key (an idempotency conflict) never shares another's reservation."""
-    return f"{user}/{key}/{fingerprint}"
 
 
 def left(state: AllowanceState, capacity: int) -> int:
@@ -70,7 +64,6 @@ def reserve(
     deadline: int,
     user: str,
     key: str,
-    fingerprint: str = "",
 ) -> tuple[bool, bool]:
     """Reserve ``quantity``; return (granted, changed).  Reserving again under
     the same id (a retry of the same request) keeps the reservation and moves
@@ -85,7 +78,7 @@ def reserve(
         return True, True
     if left(state, capacity) < quantity:
         return False, False
-    state.reservations[res] = Reservation(quantity, deadline, user, key, fingerprint)
+    state.reservations[res] = Reservation(quantity, deadline, user, key)
     return True, True
 
 

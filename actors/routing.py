@@ -1,5 +1,6 @@
-"""Where things live: the shard of a user or allowance, and the Redis names
-every process agrees on."""
+"""Where things live: the shard of a user or allowance, the shard actors'
+Ray names, and the Redis names every process agrees on.  Everything that
+routes imports its names from here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ __all__ = [
     "STOCK_LEFT_KEY",
     "catalog_channel",
     "shard_index",
+    "shard_name",
+    "shard_of",
     "stock_channel",
     "user_channel",
 ]
@@ -18,6 +21,15 @@ def shard_index(entity_id: str, shards: int) -> int:
     """The shard of a user or allowance: stable across processes."""
     digest = hashlib.blake2b(entity_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % shards
+
+
+#: The shard of a user or allowance (the name gateways use).
+shard_of = shard_index
+
+
+def shard_name(shard: int) -> str:
+    """The Ray actor name of a shard (in the cluster's namespace)."""
+    return f"loadout-shard-{shard}"
 
 
 def user_channel(user_id: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgspec
 from msgspec import Struct
@@ -74,6 +75,7 @@ __all__ = [
     "LEDGER_IN_MEMORY",
     "MAX_PROFILES",
     "Holding",
+    "KeyRecord",
     "Mutation",
     "Outcome",
     "Profile",
@@ -82,13 +84,16 @@ __all__ = [
     "fingerprint",
     "handle",
     "new_user",
+    "replay",
+    "same_request",
 ]
 
 MAX_PROFILES = 32
 MAX_INVENTORY_ENTRIES = 10_000
 MAX_HELD = 2**31 - 1
-#: Idempotency keys kept in memory per user; older ones are looked up in the
-#: journal, which keeps them.
+#: Durable idempotency keys kept in memory per user; older ones are looked up
+#: in the journal, which keeps them.  Keys not yet durable are never dropped
+#: from memory (DESIGN.md, "Exactly once, whatever the history").
 KEYS_IN_MEMORY = 256
 #: Ledger entries kept in memory per user (a full ``history`` page).
 LEDGER_IN_MEMORY = 200
@@ -116,6 +121,15 @@ class Snapshot(Struct, array_like=True):
     redeemed: list[str] = []
 
 
+class KeyRecord(NamedTuple):
+    """What an idempotency key resolves to: the request's fingerprint, the
+    original reply (without rid), and the version of the change that used it."""
+
+    fingerprint: bytes
+    reply: ServerReply
+    version: int
+
+
 @dataclass(eq=False)
 class UserState:
     user_id: str
@@ -127,10 +141,13 @@ class UserState:
     recent: dict[str, list[int]] = field(default_factory=dict)
     #: Promo codes this user has redeemed (each at most once).
     redeemed: set[str] = field(default_factory=set)
-    #: Recent idempotency records: key -> (fingerprint, reply without rid).
-    keys: OrderedDict[str, tuple[bytes, ServerReply]] = field(default_factory=OrderedDict)
+    #: Idempotency records in memory, oldest first: every key whose change is
+    #: not yet durable, and the latest durable ones (see ``trim_keys``).
+    keys: OrderedDict[str, KeyRecord] = field(default_factory=OrderedDict)
     #: True while ``keys`` holds every key this user ever used.
     keys_complete: bool = True
+    #: The highest version known to be durable (the shard sets it after a flush).
+    durable_version: int = 0
     ledger: deque[LedgerEntry] = field(default_factory=lambda: deque(maxlen=LEDGER_IN_MEMORY))
     #: True while ``ledger`` holds every ledger entry this user has.
     ledger_complete: bool = True
@@ -156,13 +173,34 @@ class UserState:
             set(snap.redeemed),
             keys_complete=False,
             ledger_complete=False,
+            durable_version=version,
         )
 
-    def remember(self, key: str, print_: bytes, reply: ServerReply) -> None:
-        self.keys[key] = (print_, reply)
-        if len(self.keys) > KEYS_IN_MEMORY:
-            self.keys.popitem(last=False)
+    def remember(self, key: str, record: KeyRecord) -> None:
+        """Keep a key's record in memory (a new change's, or one read back
+        from the journal).  Nothing is dropped here: see ``trim_keys``."""
+        self.keys[key] = record
+        self.keys.move_to_end(key)
+
+    def mark_durable(self, version: int) -> None:
+        self.durable_version = max(self.durable_version, version)
+
+    def trim_keys(self, keep: int = KEYS_IN_MEMORY) -> int:
+        """Drop the oldest records beyond ``keep``, durable ones only: a key
+        must stay reachable from the moment its change is applied, in memory
+        until the journal's index has it.  The shard calls this only when no
+        batch is between looking keys up and applying (``ShardHost``).
+        Returns how many were dropped."""
+        dropped = 0
+        while len(self.keys) > keep:
+            key, record = next(iter(self.keys.items()))
+            if record.version > self.durable_version:
+                break
+            del self.keys[key]
+            dropped += 1
+        if dropped:
             self.keys_complete = False
+        return dropped
 
     def view(self, rid: str | int | None = None) -> StateReply:
         return StateReply(
@@ -199,12 +237,53 @@ def new_user(user_id: str, starting_balance: int, now: int) -> tuple[UserState, 
 
 
 _fingerprint_encoder = msgspec.msgpack.Encoder()
+#: The first byte of a fingerprint says how it was made.  Version 1 (16 bytes,
+#: no prefix) hashed the whole request struct, so a field added to a request
+#: type changed it: it is still understood for records written before.
+_FINGERPRINT_V2 = b"\x02"
+
+
+def _canonical(request: Mutation) -> tuple[object, ...]:
+    """The fields that make two requests "the same" for idempotency, by name
+    and in a fixed order: a field added later (with its default) leaves the
+    fingerprints of every request made before unchanged."""
+    match request:
+        case Purchase():
+            return ("purchase", request.key, request.sku, request.quantity, request.price)
+        case Consume():
+            return ("consume", request.key, request.sku, request.quantity)
+        case Grant():
+            return ("grant", request.key, request.user, request.amount, request.reason)
+        case Redeem():
+            return ("redeem", request.key, request.code)
+        case RenameProfile():
+            return ("rename_profile", request.key, request.profile, request.name)
+        case CreateProfile():
+            return ("create_profile", request.profile, request.game)
+        case Equip():
+            return ("equip", request.profile, request.slot, request.sku)
+        case Unequip():
+            return ("unequip", request.profile, request.slot)
+    raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
 
 
 def fingerprint(request: Mutation) -> bytes:
-    """What makes two requests "the same" for idempotency: everything but rid."""
+    """What makes two requests "the same" for idempotency: a versioned hash
+    of the request's canonical fields (everything but the rid)."""
+    body = _fingerprint_encoder.encode(_canonical(request))
+    return _FINGERPRINT_V2 + hashlib.blake2b(body, digest_size=16).digest()
+
+
+def _fingerprint_v1(request: Mutation) -> bytes:
     body = _fingerprint_encoder.encode(msgspec.structs.replace(request, rid=None))
     return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def same_request(stored: bytes, request: Mutation) -> bool:
+    """Is ``request`` the one whose fingerprint was stored (any version)?"""
+    if len(stored) == 16:  # version 1, before fingerprints had a version byte
+        return stored == _fingerprint_v1(request)
+    return stored == fingerprint(request)
 
 
 def scoped_key(request: Mutation) -> str | None:
@@ -231,16 +310,10 @@ def handle(
     allowance was reserved for this request (see ``actors.allowance``).
     """
     key = scoped_key(request)
-    print_ = b""
     if key is not None:
-        print_ = fingerprint(request)
         seen = state.keys.get(key)
         if seen is not None:
-            if seen[0] != print_:
-                raise RequestError(
-                    ErrorCode.IDEMPOTENCY_CONFLICT, "this key was used for a different request"
-                )
-            return Outcome(msgspec.structs.replace(seen[1], rid=request.rid))
+            return Outcome(replay(seen, request))
     events = _decide(state, request, catalog, now, allowance)
     if not events:  # nothing to change (e.g. equipping what is already equipped)
         return Outcome(msgspec.structs.replace(_reply(state, request, None), rid=request.rid))
@@ -248,10 +321,20 @@ def handle(
     evolve(state, change)
     reply = _reply(state, request, change)
     if key is not None:
-        change.fingerprint = print_
+        change.fingerprint = fingerprint(request)
         change.reply = reply
-        state.remember(key, print_, reply)
+        state.remember(key, KeyRecord(change.fingerprint, reply, change.version))
     return Outcome(msgspec.structs.replace(reply, rid=request.rid), change, pushes(state, change))
+
+
+def replay(seen: KeyRecord, request: Mutation) -> Reply:
+    """The answer to a key used before: its original reply (with this rid),
+    or ``idempotency_conflict`` when the key was used for another request."""
+    if not same_request(seen.fingerprint, request):
+        raise RequestError(
+            ErrorCode.IDEMPOTENCY_CONFLICT, "this key was used for a different request"
+        )
+    return msgspec.structs.replace(seen.reply, rid=request.rid)
 
 
 def _change(
@@ -571,6 +654,8 @@ def evolve(state: UserState, change: Change) -> None:
     state.version = change.version
     change.ledger = ledger
     if ledger is not None:
+        if len(state.ledger) == state.ledger.maxlen:
+            state.ledger_complete = False  # the oldest entry leaves memory
         state.ledger.append(ledger)
 
 

@@ -1,9 +1,9 @@
-"""The journal: group commit of user changes, acknowledged only once durable.
+"""The journal: group commit of entity changes, acknowledged only once durable.
 
 A shard appends the records of a batch with ``write`` and awaits the returned
 future; one flusher task commits everything buffered so far in a single
 PostgreSQL transaction, then resolves the futures.  The transaction is one
-call of the ``loadout_flush`` function (schema migration 2) with a column
+call of the ``loadout_flush`` function (``persistence.schema``) with a column
 array per field: one round trip, bulk inserts through ``unnest``.  (COPY
 would need a round trip per table plus BEGIN and COMMIT: eight in all, which
 on a busy 2-core machine cost more than the copying saves at these sizes.)  While a
@@ -15,12 +15,20 @@ Each flush is fenced twice (DESIGN.md, "Three facts about Ray"):
 * the shard's epoch must still be the current one in ``shard_epochs``
   (read ``FOR SHARE``, so a new owner taking the epoch waits for a flush in
   flight and every later flush of the old owner fails);
-* each user's row must still have the version this writer read, and each
-  ``(user, version)`` journal row must be new.
+* each entity's row must still have the version this writer read.
 
-A failed flush raises ``JournalError`` into every future it held *and* every
-future still buffered (their changes were built on the failed ones); the shard
-then drops those users, who reload from what is durable.
+What cannot be written as it is belongs to one entity, and only that entity
+is left out (*rejected*): a key the entity used before, a reservation that has
+ended already, a state row that is not the entity's highest record, a row
+another writer moved.  Everyone else in the flush commits.  The future of a
+write resolves to the set of entities rejected while it waited; their records
+still buffered are dropped too (they were built on the rejected ones), and
+``on_lost`` tells the shard to reload them from what is durable (DESIGN.md,
+"Exactly once, whatever the history").
+
+A flush that fails as a whole (the database is down, the shard was fenced)
+raises ``JournalError`` into every future it held *and* every future still
+buffered; ``on_lost`` then names all of their entities.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -56,6 +64,10 @@ class Fenced(JournalError):
     """Another writer owns this shard or these users now."""
 
 
+class EpochFenced(Fenced):
+    """A newer actor took this shard: this one must never write again."""
+
+
 class LedgerRow(NamedTuple):
     seq: int
     at: int
@@ -76,23 +88,30 @@ class JournalRecord(NamedTuple):
     change: bytes
     ledger: LedgerRow | None
     #: How a reservation of a limited item or promo code ended, written with
-    #: this record: (reservation id, its deadline, "sold" or "released").  Both
-    #: cannot commit for one reservation: the second fails the whole flush.
+    #: this record: (reservation id, its deadline, "sold" or "released").  A
+    #: reservation ends once: a second outcome rejects its entity's records.
     outcome: tuple[str, int, str] | None = None
 
 
-class EpochFenced(Fenced):
-    """A newer actor took this shard: this one must never write again."""
-
-
 class UserRow(NamedTuple):
-    """A user's state row as of the last record of a flush."""
+    """An entity's state row as of its last record in a flush."""
 
     version: int
     balance: int
     state: bytes
     #: When the user's next time-limited item expires (ms), if any.
     next_expiry: int | None = None
+
+
+class _Write:
+    """One ``write`` call: its records, its future, and who was rejected meanwhile."""
+
+    __slots__ = ("future", "records", "rejected")
+
+    def __init__(self, records: list[JournalRecord], future: asyncio.Future[frozenset[str]]):
+        self.records = records
+        self.future = future
+        self.rejected: set[str] = set()
 
 
 class Journal:
@@ -104,7 +123,7 @@ class Journal:
         shard: int,
         epoch: int,
         snapshot: Callable[[str], UserRow],
-        on_failure: Callable[[set[str]], None],
+        on_lost: Callable[[set[str]], None],
         *,
         max_records: int = 5000,
         interval: float = 0.0,
@@ -113,19 +132,22 @@ class Journal:
         self._shard = shard
         self._epoch = epoch
         self._snapshot = snapshot
-        self._on_failure = on_failure
+        self._on_lost = on_lost
         self._max_records = max_records
         self._interval = interval
-        self._records: list[JournalRecord] = []
-        self._futures: list[asyncio.Future[None]] = []
+        self._writes: list[_Write] = []
+        self._buffered = 0
         self._pending: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Set (and replaced) after every flush: ``settled`` waits on it.
+        self._flushed: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.fenced = False
         self.flushes = 0
         self.flushed_records = 0
+        self.rejections = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="journal")
@@ -138,19 +160,21 @@ class Journal:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def write(self, records: list[JournalRecord]) -> asyncio.Future[None]:
-        """Buffer records; the future resolves when they are durable."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def write(self, records: list[JournalRecord]) -> asyncio.Future[frozenset[str]]:
+        """Buffer records; the future resolves, when they are durable, to the
+        entities rejected meanwhile (usually none): their requests were not
+        applied, whatever the shard's memory said."""
+        future: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
         if self.fenced:
             future.set_exception(Fenced("this shard has a newer owner"))
             return future
         if not records and self._idle.is_set():
-            future.set_result(None)  # nothing buffered or in flight: all is durable
+            future.set_result(frozenset())  # nothing buffered or in flight: all is durable
             return future
         # With no records of its own the caller still waits for the next flush:
         # what it read may depend on records not yet durable.
-        self._records.extend(records)
-        self._futures.append(future)
+        self._writes.append(_Write(records, future))
+        self._buffered += len(records)
         for record in records:
             self._pending[record.user_id] += 1
         self._idle.clear()
@@ -158,35 +182,63 @@ class Journal:
         return future
 
     def is_pending(self, user_id: str) -> bool:
+        """Has this entity records buffered or in flight?"""
         return user_id in self._pending
+
+    def purge(self, entities: Iterable[str]) -> None:
+        """Drop the buffered (not yet flushing) records of these entities: their
+        writes resolve with them rejected.  Records already in flight stay."""
+        doomed = set(entities)
+        for write in self._writes:
+            kept = [r for r in write.records if r.user_id not in doomed]
+            if len(kept) != len(write.records):
+                self._release(r for r in write.records if r.user_id in doomed)
+                self._buffered -= len(write.records) - len(kept)
+                write.records = kept
+            write.rejected |= doomed
+
+    async def settled(self, entities: Iterable[str]) -> None:
+        """Wait until none of these entities has records buffered or in flight."""
+        wanted = set(entities)
+        while any(e in self._pending for e in wanted):
+            if self._flushed is None:
+                self._flushed = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._flushed)
 
     async def drain(self) -> None:
         """Wait until everything written so far has been flushed (or failed)."""
         await self._idle.wait()
 
+    def _release(self, records: Iterable[JournalRecord]) -> None:
+        for record in records:
+            self._pending[record.user_id] -= 1
+            if not self._pending[record.user_id]:
+                del self._pending[record.user_id]
+
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            if self._interval and len(self._records) < self._max_records:
+            if self._interval and self._buffered < self._max_records:
                 await asyncio.sleep(self._interval)
-            records, futures = self._records, self._futures
-            self._records, self._futures = [], []
+            writes, self._writes, self._buffered = self._writes, [], 0
             self._wake.clear()
-            users = {r.user_id for r in records}
+            records = [r for w in writes for r in w.records]
             started = time.perf_counter()
             try:
                 # Cut and snapshot together, with no await in between: each
-                # snapshot is the state after the user's last record here.
-                rows = {user: self._snapshot(user) for user in users}
-                if records:
-                    await self._flush(records, rows)
+                # snapshot is the state after the entity's last record here.
+                rows = {user: self._snapshot(user) for user in {r.user_id for r in records}}
+                rejected = await self._flush(records, rows) if records else set()
             except Exception as exc:
-                failed = self._fail(records, futures, exc)
-                self._on_failure(failed)
+                self._release(records)
+                self._fail(records, writes, exc)
             else:
-                for future in futures:
-                    if not future.done():
-                        future.set_result(None)
+                self._release(records)
+                if rejected:
+                    self._reject(rejected)
+                for write in writes:
+                    if not write.future.done():
+                        write.future.set_result(frozenset(write.rejected | rejected))
                 self.flushes += 1
                 self.flushed_records += len(records)
                 log.debug(
@@ -194,17 +246,24 @@ class Journal:
                     len(records),
                     1e3 * (time.perf_counter() - started),
                 )
-            finally:
-                for record in records:
-                    self._pending[record.user_id] -= 1
-                    if not self._pending[record.user_id]:
-                        del self._pending[record.user_id]
-            if not self._records and not self._futures:
+            if self._flushed is not None:
+                self._flushed.set_result(None)
+                self._flushed = None
+            if not self._writes:
                 self._idle.set()
 
-    def _fail(
-        self, records: list[JournalRecord], futures: list[asyncio.Future[None]], exc: Exception
-    ) -> set[str]:
+    def _reject(self, rejected: set[str]) -> None:
+        """Some entities' records were left out: drop what is buffered of theirs
+        (built on them) and have the shard reload them."""
+        self.rejections += len(rejected)
+        log.error(
+            "shard %d: records of %d entities rejected (reloaded from the database): %s",
+            self._shard, len(rejected), sorted(rejected)[:10],
+        )  # fmt: skip
+        self.purge(rejected)
+        self._on_lost(rejected)
+
+    def _fail(self, records: list[JournalRecord], writes: list[_Write], exc: Exception) -> None:
         if isinstance(exc, Fenced):
             self.fenced = isinstance(exc, EpochFenced)
             log.error("shard %d fenced out: %s", self._shard, exc)
@@ -215,27 +274,25 @@ class Journal:
             )
             error = JournalError(repr(exc))
         # Buffered records were applied on top of the failed ones: fail them too.
-        later, self._records = self._records, []
-        later_futures, self._futures = self._futures, []
-        for record in later:
-            self._pending[record.user_id] -= 1
-            if not self._pending[record.user_id]:
-                del self._pending[record.user_id]
-        for future in futures + later_futures:
-            if not future.done():
-                future.set_exception(error)
-        return {r.user_id for r in records} | {r.user_id for r in later}
+        later, self._writes, self._buffered = self._writes, [], 0
+        later_records = [r for w in later for r in w.records]
+        self._release(later_records)
+        for write in writes + later:
+            if not write.future.done():
+                write.future.set_exception(error)
+        self._on_lost({r.user_id for r in records} | {r.user_id for r in later_records})
 
-    async def _flush(self, records: list[JournalRecord], rows: dict[str, UserRow]) -> None:
-        """One statement, so one round trip and one transaction (migration 2)."""
+    async def _flush(self, records: list[JournalRecord], rows: dict[str, UserRow]) -> set[str]:
+        """One statement, so one round trip and one transaction; returns the
+        entities whose records were left out."""
         base: dict[str, int] = {}
         for record in records:
             base.setdefault(record.user_id, record.version - 1)
         ledger = [(r.user_id, *r.ledger) for r in records if r.ledger is not None]
-        outcomes = [r.outcome for r in records if r.outcome is not None]
+        outcomes = [(r.user_id, *r.outcome) for r in records if r.outcome is not None]
         users = list(rows)
         try:
-            await self._pool.execute(
+            rejected: list[str] = await self._pool.fetchval(
                 _FLUSH,
                 self._shard,
                 self._epoch,
@@ -247,7 +304,7 @@ class Journal:
                 [rows[u].balance for u in users],
                 [rows[u].state for u in users],
                 [rows[u].next_expiry for u in users],
-                *_columns(outcomes, 3),
+                *_columns(outcomes, 4),
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == "LF001":
@@ -255,9 +312,10 @@ class Journal:
             if exc.sqlstate == "LF002" or isinstance(exc, asyncpg.UniqueViolationError):
                 raise Fenced(f"another writer moved these users: {exc}") from None
             raise
+        return set(rejected)
 
 
-_FLUSH = "SELECT loadout_flush(" + ", ".join(f"${i}" for i in range(1, 27)) + ")"
+_FLUSH = "SELECT loadout_flush(" + ", ".join(f"${i}" for i in range(1, 28)) + ")"
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

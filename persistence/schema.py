@@ -2,8 +2,11 @@
 
 Migrations are numbered SQL scripts applied in order, each in its own
 transaction, under an advisory lock so that several gateways starting at once
-migrate exactly once.  A migration is never edited once released; a change is
-a new migration.
+migrate exactly once.  A migration's effect on tables is never changed once
+released; a change is a new migration.  Functions are not migrations: each is
+defined once (``FUNCTIONS``) and installed after the migrations whenever the
+database's copy differs, so a changed function is one edit, not a copy in a
+new migration (migrations 2, 4 and 5 used to carry copies of the flush).
 
 Tables:
 
@@ -21,9 +24,8 @@ Tables:
 ``catalog_versions`` every published catalog document; the newest is live.
 ``games``, ``items`` the published catalogs in relational form, for operators'
                      SQL and for the retired-item lookup.
-``lock_*``           the lock baseline's own tables (``LOADOUT_CORE=lock``, used
-                     by ``loadout bench --baseline lock``); the actor core never
-                     reads them.
+``reservation_outcomes`` how each reservation of a limited item or promo
+                     code ended (sold or released): once.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import logging
 
 import asyncpg
 
-__all__ = ["MIGRATIONS", "migrate"]
+__all__ = ["FLUSH_FUNCTION", "MIGRATIONS", "migrate"]
 
 log = logging.getLogger("loadout.schema")
 
@@ -97,171 +99,21 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX items_sku ON items (sku, catalog_version DESC);
     """,
-    # 2: the whole journal flush in one statement, so one round trip and one
-    # transaction: fence on the shard epoch, append journal and ledger rows,
-    # move the users' state rows only from the version this writer read.
-    """
-    CREATE FUNCTION loadout_flush(
-        p_shard integer, p_epoch bigint,
-        j_user text[], j_version bigint[], j_at bigint[], j_kind text[], j_key text[],
-        j_change bytea[],
-        l_user text[], l_seq bigint[], l_at bigint[], l_kind text[], l_amount bigint[],
-        l_balance bigint[], l_sku text[], l_quantity integer[], l_key text[],
-        u_user text[], u_base bigint[], u_version bigint[], u_balance bigint[], u_state bytea[]
-    ) RETURNS void LANGUAGE plpgsql AS $$
-    DECLARE
-        owner bigint;
-        moved integer;
-    BEGIN
-        SELECT epoch INTO owner FROM shard_epochs WHERE shard = p_shard FOR SHARE;
-        IF owner IS DISTINCT FROM p_epoch THEN
-            RAISE EXCEPTION 'shard % epoch % was replaced by epoch %', p_shard, p_epoch, owner
-                USING ERRCODE = 'LF001';
-        END IF;
-        INSERT INTO journal (user_id, version, at, kind, key, change)
-            SELECT * FROM unnest(j_user, j_version, j_at, j_kind, j_key, j_change);
-        INSERT INTO ledger (user_id, seq, at, kind, amount, balance, sku, quantity, key)
-            SELECT * FROM unnest(l_user, l_seq, l_at, l_kind, l_amount, l_balance, l_sku,
-                                 l_quantity, l_key);
-        UPDATE users AS u
-           SET version = n.version, balance = n.balance, state = n.state, updated_at = now()
-          FROM unnest(u_user, u_base, u_version, u_balance, u_state)
-               AS n(user_id, base, version, balance, state)
-         WHERE n.base > 0 AND u.user_id = n.user_id AND u.version = n.base;
-        GET DIAGNOSTICS moved = ROW_COUNT;
-        IF moved <> (SELECT count(*) FROM unnest(u_base) AS b WHERE b > 0) THEN
-            RAISE EXCEPTION 'user rows moved under this writer' USING ERRCODE = 'LF002';
-        END IF;
-        INSERT INTO users (user_id, version, balance, state)
-            SELECT n.user_id, n.version, n.balance, n.state
-              FROM unnest(u_user, u_base, u_version, u_balance, u_state)
-                   AS n(user_id, base, version, balance, state)
-             WHERE n.base = 0;
-    END
-    $$;
-    """,
-    # 3: the lock baseline (``LOADOUT_CORE=lock``, server/lock_core.py): the
-    # BattleBucks design (battlebucks-design.md §1, §4.3) on tables of its own,
-    # one transaction per request that takes the wallet row FOR UPDATE.
-    """
-    CREATE TABLE lock_wallets (
-        user_id     text PRIMARY KEY,
-        balance     bigint NOT NULL CHECK (balance >= 0),
-        version     bigint NOT NULL,
-        updated_at  timestamptz NOT NULL DEFAULT now()
-    );
-    CREATE TABLE lock_purchases (
-        id              bigserial PRIMARY KEY,
-        user_id         text NOT NULL,
-        transaction_id  text NOT NULL,
-        sku             text NOT NULL,
-        quantity        integer NOT NULL,
-        unit_price      bigint NOT NULL,
-        total           bigint NOT NULL,
-        balance         bigint NOT NULL,
-        version         bigint NOT NULL,
-        status          text NOT NULL DEFAULT 'completed',
-        created_at      timestamptz NOT NULL DEFAULT now(),
-        UNIQUE (user_id, transaction_id)
-    );
-    CREATE TABLE lock_inventory (
-        user_id     text NOT NULL,
-        sku         text NOT NULL,
-        quantity    integer NOT NULL CHECK (quantity >= 0),
-        acquired_at timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (user_id, sku)
-    );
-    CREATE TABLE lock_ledger (
-        id          bigserial PRIMARY KEY,
-        user_id     text NOT NULL,
-        at          timestamptz NOT NULL DEFAULT now(),
-        kind        text NOT NULL,
-        amount      bigint NOT NULL,
-        balance     bigint NOT NULL CHECK (balance >= 0),
-        sku         text,
-        quantity    integer,
-        key         text
-    );
-    CREATE INDEX lock_ledger_user ON lock_ledger (user_id, id);
-    CREATE TABLE lock_grants (
-        user_id     text NOT NULL,
-        key         text NOT NULL,
-        amount      bigint NOT NULL,
-        balance     bigint NOT NULL,
-        version     bigint NOT NULL,
-        PRIMARY KEY (user_id, key)
-    );
-    CREATE TABLE lock_profiles (
-        user_id     text NOT NULL,
-        profile     text NOT NULL,
-        game        text,
-        PRIMARY KEY (user_id, profile)
-    );
-    CREATE TABLE lock_equipped (
-        user_id     text NOT NULL,
-        profile     text NOT NULL,
-        slot        text NOT NULL,
-        sku         text NOT NULL,
-        equipped_at timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (user_id, profile, slot),
-        FOREIGN KEY (user_id, profile) REFERENCES lock_profiles ON DELETE CASCADE
-    );
-    """,
+    # 2: (the journal flush function, ``loadout_flush``; functions are now
+    # installed from one definition after the migrations: FUNCTIONS below).
+    "SELECT 1",
+    # 3: (the lock baseline's tables; the baseline and its schema live in
+    # bench/ now, and migration 6 drops them from databases that had them).
+    "SELECT 1",
     # 4: when each user's next time-limited item expires, so that a shard
     # starting up (after a crash or a restart) expires items of users it has
     # not loaded, without waiting for a request (PROTOCOL.md §10).
     """
     ALTER TABLE users ADD COLUMN next_expiry bigint;
     CREATE INDEX users_next_expiry ON users (next_expiry) WHERE next_expiry IS NOT NULL;
-    DROP FUNCTION loadout_flush(
-        integer, bigint, text[], bigint[], bigint[], text[], text[], bytea[],
-        text[], bigint[], bigint[], text[], bigint[], bigint[], text[], integer[], text[],
-        text[], bigint[], bigint[], bigint[], bytea[]
-    );
-    CREATE FUNCTION loadout_flush(
-        p_shard integer, p_epoch bigint,
-        j_user text[], j_version bigint[], j_at bigint[], j_kind text[], j_key text[],
-        j_change bytea[],
-        l_user text[], l_seq bigint[], l_at bigint[], l_kind text[], l_amount bigint[],
-        l_balance bigint[], l_sku text[], l_quantity integer[], l_key text[],
-        u_user text[], u_base bigint[], u_version bigint[], u_balance bigint[], u_state bytea[],
-        u_next_expiry bigint[]
-    ) RETURNS void LANGUAGE plpgsql AS $$
-    DECLARE
-        owner bigint;
-        moved integer;
-    BEGIN
-        SELECT epoch INTO owner FROM shard_epochs WHERE shard = p_shard FOR SHARE;
-        IF owner IS DISTINCT FROM p_epoch THEN
-            RAISE EXCEPTION 'shard % epoch % was replaced by epoch %', p_shard, p_epoch, owner
-                USING ERRCODE = 'LF001';
-        END IF;
-        INSERT INTO journal (user_id, version, at, kind, key, change)
-            SELECT * FROM unnest(j_user, j_version, j_at, j_kind, j_key, j_change);
-        INSERT INTO ledger (user_id, seq, at, kind, amount, balance, sku, quantity, key)
-            SELECT * FROM unnest(l_user, l_seq, l_at, l_kind, l_amount, l_balance, l_sku,
-                                 l_quantity, l_key);
-        UPDATE users AS u
-           SET version = n.version, balance = n.balance, state = n.state,
-               next_expiry = n.next_expiry, updated_at = now()
-          FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
-               AS n(user_id, base, version, balance, state, next_expiry)
-         WHERE n.base > 0 AND u.user_id = n.user_id AND u.version = n.base;
-        GET DIAGNOSTICS moved = ROW_COUNT;
-        IF moved <> (SELECT count(*) FROM unnest(u_base) AS b WHERE b > 0) THEN
-            RAISE EXCEPTION 'user rows moved under this writer' USING ERRCODE = 'LF002';
-        END IF;
-        INSERT INTO users (user_id, version, balance, state, next_expiry)
-            SELECT n.user_id, n.version, n.balance, n.state, n.next_expiry
-              FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
-                   AS n(user_id, base, version, balance, state, next_expiry)
-             WHERE n.base = 0;
-    END
-    $$;
     """,
     # 5: a reservation ends once: sold (with the purchase) or released (by the
-    # sweeper, for a purchase it did not find). Whichever commits second
-    # fails, so a purchase stalled in COMMIT can never outlive its release.
+    # sweeper, for a purchase it did not find).
     """
     CREATE TABLE reservation_outcomes (
         res       text NOT NULL,
@@ -270,56 +122,137 @@ MIGRATIONS: list[str] = [
         at        timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (res, deadline)
     );
-    DROP FUNCTION loadout_flush(
-        integer, bigint, text[], bigint[], bigint[], text[], text[], bytea[],
-        text[], bigint[], bigint[], text[], bigint[], bigint[], text[], integer[], text[],
-        text[], bigint[], bigint[], bigint[], bytea[], bigint[]
-    );
-    CREATE FUNCTION loadout_flush(
-        p_shard integer, p_epoch bigint,
-        j_user text[], j_version bigint[], j_at bigint[], j_kind text[], j_key text[],
-        j_change bytea[],
-        l_user text[], l_seq bigint[], l_at bigint[], l_kind text[], l_amount bigint[],
-        l_balance bigint[], l_sku text[], l_quantity integer[], l_key text[],
-        u_user text[], u_base bigint[], u_version bigint[], u_balance bigint[], u_state bytea[],
-        u_next_expiry bigint[],
-        o_res text[], o_deadline bigint[], o_outcome text[]
-    ) RETURNS void LANGUAGE plpgsql AS $$
-    DECLARE
-        owner bigint;
-        moved integer;
-    BEGIN
-        SELECT epoch INTO owner FROM shard_epochs WHERE shard = p_shard FOR SHARE;
-        IF owner IS DISTINCT FROM p_epoch THEN
-            RAISE EXCEPTION 'shard % epoch % was replaced by epoch %', p_shard, p_epoch, owner
-                USING ERRCODE = 'LF001';
-        END IF;
-        INSERT INTO reservation_outcomes (res, deadline, outcome)
-            SELECT * FROM unnest(o_res, o_deadline, o_outcome);
-        INSERT INTO journal (user_id, version, at, kind, key, change)
-            SELECT * FROM unnest(j_user, j_version, j_at, j_kind, j_key, j_change);
-        INSERT INTO ledger (user_id, seq, at, kind, amount, balance, sku, quantity, key)
-            SELECT * FROM unnest(l_user, l_seq, l_at, l_kind, l_amount, l_balance, l_sku,
-                                 l_quantity, l_key);
-        UPDATE users AS u
-           SET version = n.version, balance = n.balance, state = n.state,
-               next_expiry = n.next_expiry, updated_at = now()
-          FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
-               AS n(user_id, base, version, balance, state, next_expiry)
-         WHERE n.base > 0 AND u.user_id = n.user_id AND u.version = n.base;
-        GET DIAGNOSTICS moved = ROW_COUNT;
-        IF moved <> (SELECT count(*) FROM unnest(u_base) AS b WHERE b > 0) THEN
-            RAISE EXCEPTION 'user rows moved under this writer' USING ERRCODE = 'LF002';
-        END IF;
-        INSERT INTO users (user_id, version, balance, state, next_expiry)
-            SELECT n.user_id, n.version, n.balance, n.state, n.next_expiry
-              FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
-                   AS n(user_id, base, version, balance, state, next_expiry)
-             WHERE n.base = 0;
-    END
-    $$;
+    """,
+    # 6: the lock baseline moved to bench/ with its own schema.
+    """
+    DROP TABLE IF EXISTS lock_equipped, lock_profiles, lock_grants, lock_ledger,
+        lock_inventory, lock_purchases, lock_wallets;
     """,
 ]
+
+#: The journal flush in one statement, so one round trip and one transaction
+#: (persistence.journal): fence on the shard epoch; leave out the records of
+#: every entity that cannot be written as it is, and return their ids; append
+#: journal, ledger and reservation-outcome rows; move the state rows only from
+#: the version this writer read.  Defined here once and installed by
+#: ``migrate`` whenever it differs from what the database has.
+FLUSH_FUNCTION = """
+CREATE FUNCTION loadout_flush(
+    p_shard integer, p_epoch bigint,
+    j_user text[], j_version bigint[], j_at bigint[], j_kind text[], j_key text[],
+    j_change bytea[],
+    l_user text[], l_seq bigint[], l_at bigint[], l_kind text[], l_amount bigint[],
+    l_balance bigint[], l_sku text[], l_quantity integer[], l_key text[],
+    u_user text[], u_base bigint[], u_version bigint[], u_balance bigint[], u_state bytea[],
+    u_next_expiry bigint[],
+    o_user text[], o_res text[], o_deadline bigint[], o_outcome text[]
+) RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    owner bigint;
+    rejected text[];
+    moved integer;
+BEGIN
+    SELECT epoch INTO owner FROM shard_epochs WHERE shard = p_shard FOR SHARE;
+    IF owner IS DISTINCT FROM p_epoch THEN
+        RAISE EXCEPTION 'shard % epoch % was replaced by epoch %', p_shard, p_epoch, owner
+            USING ERRCODE = 'LF001';
+    END IF;
+    rejected := ARRAY(
+        -- a key the entity used before (a replay applied as new), or twice here
+        SELECT r.user_id FROM unnest(j_user, j_key) AS r(user_id, key)
+          JOIN journal j ON j.user_id = r.user_id AND j.key = r.key
+        UNION
+        SELECT r.user_id FROM unnest(j_user, j_key) AS r(user_id, key)
+         WHERE r.key IS NOT NULL GROUP BY r.user_id, r.key HAVING count(*) > 1
+        UNION
+        -- a reservation that has ended already, or ends twice here
+        SELECT o.user_id FROM unnest(o_user, o_res, o_deadline) AS o(user_id, res, deadline)
+          JOIN reservation_outcomes x ON x.res = o.res AND x.deadline = o.deadline
+        UNION
+        SELECT min(o.user_id) FROM unnest(o_user, o_res, o_deadline) AS o(user_id, res, deadline)
+         GROUP BY o.res, o.deadline HAVING count(*) > 1
+        UNION
+        -- records with no state row, or a state row that is not the entity's
+        -- highest record, or records that do not follow the row's version
+        SELECT r.user_id FROM unnest(j_user) AS r(user_id) WHERE r.user_id <> ALL (u_user)
+        UNION
+        SELECT n.user_id
+          FROM unnest(u_user, u_base, u_version) AS n(user_id, base, version)
+          LEFT JOIN (SELECT r.user_id, min(r.version) AS lo, max(r.version) AS hi,
+                            count(*) AS c
+                       FROM unnest(j_user, j_version) AS r(user_id, version)
+                      GROUP BY r.user_id) AS r ON r.user_id = n.user_id
+         WHERE r.user_id IS NULL OR r.lo <> n.base + 1 OR r.hi <> n.version
+            OR r.c <> n.version - n.base
+        UNION
+        -- a row another writer moved (or made, for an entity new to this
+        -- writer), or records another writer added past the row
+        SELECT n.user_id FROM unnest(u_user, u_base) AS n(user_id, base)
+          LEFT JOIN users u ON u.user_id = n.user_id
+         WHERE u.version IS DISTINCT FROM nullif(n.base, 0)
+            OR EXISTS (SELECT 1 FROM journal j
+                        WHERE j.user_id = n.user_id AND j.version > n.base)
+    );
+    INSERT INTO reservation_outcomes (res, deadline, outcome)
+        SELECT o.res, o.deadline, o.outcome
+          FROM unnest(o_user, o_res, o_deadline, o_outcome) AS o(user_id, res, deadline, outcome)
+         WHERE o.user_id <> ALL (rejected);
+    INSERT INTO journal (user_id, version, at, kind, key, change)
+        SELECT r.user_id, r.version, r.at, r.kind, r.key, r.change
+          FROM unnest(j_user, j_version, j_at, j_kind, j_key, j_change)
+               AS r(user_id, version, at, kind, key, change)
+         WHERE r.user_id <> ALL (rejected);
+    INSERT INTO ledger (user_id, seq, at, kind, amount, balance, sku, quantity, key)
+        SELECT l.user_id, l.seq, l.at, l.kind, l.amount, l.balance, l.sku, l.quantity, l.key
+          FROM unnest(l_user, l_seq, l_at, l_kind, l_amount, l_balance, l_sku, l_quantity, l_key)
+               AS l(user_id, seq, at, kind, amount, balance, sku, quantity, key)
+         WHERE l.user_id <> ALL (rejected);
+    UPDATE users AS u
+       SET version = n.version, balance = n.balance, state = n.state,
+           next_expiry = n.next_expiry, updated_at = now()
+      FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
+           AS n(user_id, base, version, balance, state, next_expiry)
+     WHERE n.base > 0 AND n.user_id <> ALL (rejected)
+       AND u.user_id = n.user_id AND u.version = n.base;
+    GET DIAGNOSTICS moved = ROW_COUNT;
+    IF moved <> (SELECT count(*) FROM unnest(u_user, u_base) AS b(user_id, base)
+                  WHERE b.base > 0 AND b.user_id <> ALL (rejected)) THEN
+        -- only a writer racing this very statement gets here
+        RAISE EXCEPTION 'user rows moved under this writer' USING ERRCODE = 'LF002';
+    END IF;
+    INSERT INTO users (user_id, version, balance, state, next_expiry)
+        SELECT n.user_id, n.version, n.balance, n.state, n.next_expiry
+          FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
+               AS n(user_id, base, version, balance, state, next_expiry)
+         WHERE n.base = 0 AND n.user_id <> ALL (rejected);
+    RETURN rejected;
+END
+$$;
+"""
+
+#: Functions the code calls, by name: each is installed from its one definition.
+FUNCTIONS: dict[str, str] = {"loadout_flush": FLUSH_FUNCTION}
+
+
+async def _install_functions(con: asyncpg.Connection) -> None:
+    """(Re)create each function whose definition differs from the database's;
+    older overloads are dropped.  Runs under the migration lock."""
+    for name, definition in FUNCTIONS.items():
+        body = definition.split("$$")[1]
+        rows = await con.fetch(
+            "SELECT p.oid::regprocedure::text AS signature, p.prosrc FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE p.proname = $1 AND n.nspname = current_schema()",
+            name,
+        )
+        if len(rows) == 1 and rows[0]["prosrc"] == body:
+            continue
+        async with con.transaction():
+            for row in rows:
+                await con.execute(f"DROP FUNCTION {row['signature']}")
+            await con.execute(definition)
+        log.info("installed function %s", name)
+
 
 _LOCK = 0x10AD0_0001
 
@@ -341,6 +274,7 @@ async def migrate(pool: asyncpg.Pool) -> int:
                     await con.execute(script)
                     await con.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
                 log.info("applied migration %d", number)
+            await _install_functions(con)
             return len(MIGRATIONS)
         finally:
             await con.execute("SELECT pg_advisory_unlock($1)", _LOCK)

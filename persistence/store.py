@@ -17,6 +17,7 @@ __all__ = [
     "load_due_expiries",
     "load_ledger",
     "load_retired_items",
+    "load_sold",
     "load_users",
     "open_pool",
     "publish_catalog",
@@ -36,7 +37,7 @@ async def open_pool(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.P
         max_size=max_size,
         reset=_keep_session,
         server_settings={
-            # Bounds a journal flush (one statement): see SETTLE_AFTER_MS in actors.host.
+            # Bounds a journal flush (one statement): see SETTLE_AFTER_MS in actors.saga.
             "statement_timeout": "30s",
             # The flush function's statements take arrays whose sizes change with
             # every batch, and PostgreSQL kept re-planning all six of them per
@@ -105,6 +106,20 @@ async def load_changes_by_key(
         [k for _, k in wanted],
     )
     return {(r["user_id"], r["key"]): r["change"] for r in rows}
+
+
+async def load_sold(
+    pool: asyncpg.Pool, reservations: list[tuple[str, int]]
+) -> set[tuple[str, int]]:
+    """Which of these reservations (id, deadline) were sold: their purchase is durable."""
+    rows = await pool.fetch(
+        "SELECT o.res, o.deadline FROM reservation_outcomes o"
+        " JOIN unnest($1::text[], $2::bigint[]) AS w(res, deadline)"
+        " ON o.res = w.res AND o.deadline = w.deadline WHERE o.outcome = 'sold'",
+        [r for r, _ in reservations],
+        [d for _, d in reservations],
+    )
+    return {(r["res"], r["deadline"]) for r in rows}
 
 
 async def load_ledger(

@@ -25,7 +25,8 @@ import redis.asyncio as aioredis
 
 from actors.catalog import Catalog, demo_catalog_text
 from actors.catalog_source import load_live_catalog, publish_catalog_text
-from actors.host import STOCK_LEFT_KEY, ShardSettings
+from actors.routing import STOCK_LEFT_KEY
+from actors.shard.host import ShardSettings
 from persistence import store
 from persistence.embedded import EmbeddedPostgres, EmbeddedRedis
 from persistence.schema import migrate
@@ -199,7 +200,7 @@ async def serve_async(
     stop: asyncio.Event,
     backend_factory: BackendFactory | None = None,
 ) -> None:
-    from actors.shard import shard_handles
+    from actors.shard.actor import shard_handles
 
     pool = await store.open_pool(services.database_url)
     redis = aioredis.from_url(services.redis_url)
@@ -267,7 +268,7 @@ async def serve_async(
         gateway.on_connection = fanout.watch
         gateway.on_disconnect = fanout.unwatch
         await gateway.start(settings.host, settings.port)
-        from actors.shard import tune_collector
+        from actors.shard.actor import tune_collector
 
         tune_collector()
         log.info(

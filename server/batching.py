@@ -5,7 +5,7 @@ together in the next batch (DESIGN.md, "Data flow of a purchase").  Keeping a
 single batch in flight per shard is what makes requests sent on one
 connection take effect in the order sent.
 
-Batches travel on one TCP connection per shard (``actors/link.py``), found
+Batches travel on one TCP connection per shard (``actors/shard/link.py``), found
 through Ray (``ShardActor.endpoint``).  The batcher is driven by callbacks,
 not a task: a reply frame answers every request of its batch and sends the
 next batch in the same loop turn.  A lost connection or a batch that times
@@ -21,22 +21,21 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import msgspec
 
-from actors.host import BatchItem, ShardRequest
-from actors.link import (
+from actors.routing import shard_of
+from actors.shard.link import (
     SENDER_SIZE,
     Endpoint,
-    FrameError,
-    FrameReader,
+    GatewaySide,
     decode_replies,
     encode_batch,
-    frame,
+    open_link,
     unavailable,
 )
-from actors.shard import shard_of
+from actors.shard.records import BatchItem, ShardRequest
 
 __all__ = ["Answer", "Backend", "ShardBatcher", "ShardBusy", "ShardRouter"]
 
@@ -65,37 +64,6 @@ class _Batch:
         self.timer: asyncio.TimerHandle | None = None
 
 
-class _Link(asyncio.Protocol):
-    """The gateway's end of one shard link: hands whole frames to the batcher."""
-
-    def __init__(self, batcher: ShardBatcher) -> None:
-        self._batcher = batcher
-        self._reader = FrameReader()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            frames = self._reader.feed(data)
-        except FrameError as exc:
-            return self.abort(str(exc))
-        for body in frames:
-            if self.transport is None or self.transport.is_closing():
-                return  # dropped on an earlier frame: trust nothing after it
-            self._batcher._replied(self, body)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self._batcher._lost(self, exc)
-
-    def abort(self, reason: str) -> None:
-        log.warning("shard %d link dropped: %s", self._batcher.shard, reason)
-        if self.transport is not None:
-            self.transport.abort()
-
-
 class ShardBatcher:
     """Queues requests for one shard actor and sends them in batches."""
 
@@ -120,7 +88,7 @@ class ShardBatcher:
         self._items: list[BatchItem] = []
         self._replies: list[Answer] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._link: _Link | None = None
+        self._link: GatewaySide | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._down_since: float | None = time.monotonic()
         self._in_flight: _Batch | None = None
@@ -156,8 +124,8 @@ class ShardBatcher:
             self._answer_all(batch, message)
         self._answer_all(_Batch(self._items, self._replies), message)
         self._items, self._replies = [], []
-        if self._link is not None and self._link.transport is not None:
-            self._link.transport.close()
+        if self._link is not None:
+            self._link.close()
         self._idle.set()
 
     def submit(self, user_id: str, request: ShardRequest, reply: Answer) -> None:
@@ -208,25 +176,21 @@ class ShardBatcher:
             self._send()
             return
 
-    async def _link_once(self) -> _Link | None:
-        assert self._loop is not None
+    async def _link_once(self) -> GatewaySide | None:
         endpoint: Endpoint = await asyncio.wait_for(self._handle.endpoint.remote(), self._timeout)
-        _, link = await asyncio.wait_for(
-            self._loop.create_connection(lambda: _Link(self), endpoint.host, endpoint.port),
+        link = await asyncio.wait_for(
+            open_link(self.shard, endpoint, self._sender, self._replied, self._lost),
             self._timeout,
         )
-        transport = link.transport
         if self._closed:
-            if transport is not None:
-                transport.close()
+            link.close()
             return None
-        if transport is None or transport.is_closing():
+        if link.transport is None or link.transport.is_closing():
+            # Lost before it was ours: ``_lost`` ignored it, so retry here.
             raise ConnectionError("the link closed as it opened")
-        transport.write(frame(endpoint.token + self._sender))
-        log.info("shard %d linked at %s:%d", self.shard, endpoint.host, endpoint.port)
         return link
 
-    def _lost(self, link: _Link, exc: Exception | None) -> None:
+    def _lost(self, link: GatewaySide, exc: Exception | None) -> None:
         if link is not self._link:
             return
         self._link, self._down_since = None, time.monotonic()
@@ -274,9 +238,9 @@ class ShardBatcher:
         assert self._loop is not None
         self._in_flight = batch
         batch.timer = self._loop.call_later(self._timeout, self._time_out, batch)
-        link.transport.write(data)
+        link.send(data)
 
-    def _replied(self, link: _Link, body: bytes) -> None:
+    def _replied(self, link: GatewaySide, body: bytes) -> None:
         batch = self._in_flight
         if link is not self._link or batch is None:
             return link.abort("a reply with no batch in flight")

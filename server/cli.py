@@ -99,7 +99,7 @@ async def _publish(settings: Settings, text: str, source: str) -> int:
     import redis.asyncio as aioredis
 
     from actors.catalog_source import publish_catalog_text
-    from actors.host import catalog_channel
+    from actors.routing import catalog_channel
 
     async with _catalog_database(settings) as (pool, redis_url):
         version = await publish_catalog_text(pool, text, source)

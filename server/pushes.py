@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import redis.asyncio as aioredis
 
-from actors.host import catalog_channel, stock_channel, user_channel
+from actors.routing import catalog_channel, stock_channel, user_channel
 from server.subscriber import Subscriber
 
 __all__ = ["PushFanout"]

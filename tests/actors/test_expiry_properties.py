@@ -55,7 +55,7 @@ def test_expiry_invariants(ops: list[tuple[str, object]]) -> None:
         if op == "wait":
             assert isinstance(arg, int)
             now += arg
-        # The shard expires what is due before anything else (actors.host).
+        # The shard expires what is due before anything else (actors.shard.host).
         expired = expire_due(state, now)
         if expired is not None:
             changes.append(expired)

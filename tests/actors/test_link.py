@@ -1,4 +1,4 @@
-"""The shard link (actors/link.py): framing without sockets, then the shard's
+"""The shard link (actors/shard/link.py): framing without sockets, then the shard's
 side over a real socket with a stand-in for the host's ``apply_batch``."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
-from actors.host import BatchItem
-from actors.link import (
+from actors.shard.link import (
     Endpoint,
     FrameError,
     FrameReader,
@@ -19,6 +18,7 @@ from actors.link import (
     encode_batch,
     frame,
 )
+from actors.shard.records import BatchItem
 from protocol.messages import State
 
 SENDER = b"sender.1"

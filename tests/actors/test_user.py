@@ -25,8 +25,10 @@ from actors.events import (
 )
 from actors.user import (
     KEYS_IN_MEMORY,
+    LEDGER_IN_MEMORY,
     MAX_PROFILES,
     Holding,
+    KeyRecord,
     Mutation,
     Outcome,
     Profile,
@@ -36,6 +38,7 @@ from actors.user import (
     handle,
     new_user,
     pushes,
+    same_request,
     scoped_key,
 )
 from protocol.errors import ErrorCode, RequestError
@@ -56,7 +59,6 @@ from protocol.messages import (
     ProfileCreated,
     Purchase,
     Purchased,
-    ServerReply,
     Unequip,
     Unequipped,
 )
@@ -73,6 +75,9 @@ KART = "kart.body.flame"  # kart, kart_body, 400
 AVATAR = "plat.avatar.cyber"  # platform-wide, avatar, 150
 FRAME = "plat.frame.gold"  # platform-wide, frame, 200
 LIFE = "plat.life.extra"  # consumable, 20, stackable, max 99
+#: Fingerprints of two requests as version 2 made them (see the test using them).
+GOLDEN_PURCHASE = "029954f2338cb410553ff32a3c9d2d1bc7"
+GOLDEN_GRANT = "02d75c700ee88339d0405353549fc7a510"
 BOOSTER = "plat.booster.xp"  # consumable, 5, stackable, no max
 VOUCHER = "plat.voucher.steam10"  # non-consumable, 2000, stackable, no slot
 GLIDER = "br.glider.phoenix"  # coming_soon
@@ -122,7 +127,7 @@ class Seen:
     snapshot: bytes
     version: int
     balance: int
-    keys: list[tuple[str, tuple[bytes, ServerReply]]]
+    keys: list[tuple[str, KeyRecord]]
     keys_complete: bool
     ledger: list[LedgerEntry]
 
@@ -751,34 +756,75 @@ def test_fingerprint_ignores_the_rid_only() -> None:
     )
 
 
-def test_keys_beyond_memory_evict_the_oldest_and_mark_keys_incomplete() -> None:
+def test_keys_leave_memory_only_once_durable_and_beyond_the_window() -> None:
     state = user()
-    for i in range(KEYS_IN_MEMORY):
+    for i in range(KEYS_IN_MEMORY + 10):
         do(state, Grant(user=USER, amount=1, key=f"g{i}"))
-    assert len(state.keys) == KEYS_IN_MEMORY
-    assert state.keys_complete
-    do(state, Grant(user=USER, amount=1, key=f"g{KEYS_IN_MEMORY}"))
-    assert len(state.keys) == KEYS_IN_MEMORY
+    # Nothing is durable yet: every key stays reachable in memory.
+    assert state.trim_keys() == 0
+    assert len(state.keys) == KEYS_IN_MEMORY + 10 and state.keys_complete
+    state.mark_durable(5)  # versions 1-5 durable: only those may go
+    assert state.trim_keys() == 5
+    assert "a:g4" not in state.keys and "a:g5" in state.keys
     assert not state.keys_complete
-    assert "a:g0" not in state.keys
-    assert "a:g1" in state.keys and f"a:g{KEYS_IN_MEMORY}" in state.keys
-    assert state.balance == KEYS_IN_MEMORY + 1
+    state.mark_durable(state.version)
+    assert state.trim_keys() == 5
+    assert len(state.keys) == KEYS_IN_MEMORY
+    assert "a:g9" not in state.keys and f"a:g{KEYS_IN_MEMORY + 9}" in state.keys
+    assert state.balance == KEYS_IN_MEMORY + 10
 
 
 def test_a_key_loaded_back_is_replayed() -> None:
-    # The shard loads an evicted key's record from the journal (``remember``)
-    # before calling ``handle``; the replay is then answered from it.
+    # The shard reads a key that left memory back from the journal and
+    # ``remember``s it before calling ``handle``; the replay is answered from it.
     state = user(100)
     first = do(state, Purchase(rid=1, key="k", sku=LIFE, price=20))
     assert first.change is not None and first.change.reply is not None
-    record = first.change.fingerprint, first.change.reply
+    assert first.change.fingerprint is not None
+    record = KeyRecord(first.change.fingerprint, first.change.reply, first.change.version)
     restored = UserState.restore(USER, state.version, state.balance, state.snapshot())
-    assert restored.keys == {}
-    restored.remember("p:k", *record)
+    assert restored.keys == {} and restored.durable_version == state.version
+    restored.remember("p:k", record)
     replay = do(restored, Purchase(rid=2, key="k", sku=LIFE, price=20))
     assert replay.change is None
     assert replay.reply == msgspec.structs.replace(first.reply, rid=2)
     assert restored.inventory == {LIFE: Holding(1)}
+    with pytest.raises(RequestError) as conflict:
+        do(restored, Purchase(rid=3, key="k", sku=LIFE, price=20, quantity=2))
+    assert conflict.value.code is ErrorCode.IDEMPOTENCY_CONFLICT
+
+
+def test_fingerprints_are_versioned_and_fixed_by_the_canonical_fields() -> None:
+    # A fingerprint is kept in the journal for as long as its key: it must not
+    # change with the code.  These values were computed when version 2 was
+    # introduced; a failure here means retries after a deploy would conflict.
+    purchase = Purchase(rid=9, key="k", sku=LIFE, price=20)
+    assert fingerprint(purchase).hex() == GOLDEN_PURCHASE
+    grant = Grant(user=USER, amount=5, key="g", reason="r")
+    assert fingerprint(grant).hex() == GOLDEN_GRANT
+
+
+def test_a_fingerprint_from_before_versions_still_matches_its_request() -> None:
+    import hashlib
+
+    purchase = Purchase(rid=1, key="k", sku=LIFE, price=20)
+    body = msgspec.msgpack.encode(msgspec.structs.replace(purchase, rid=None))
+    legacy = hashlib.blake2b(body, digest_size=16).digest()
+    assert same_request(legacy, msgspec.structs.replace(purchase, rid=5))
+    assert not same_request(legacy, msgspec.structs.replace(purchase, price=21))
+    assert same_request(fingerprint(purchase), purchase)
+
+
+def test_history_beyond_the_memory_tail_is_marked_incomplete() -> None:
+    """Regression (issue exactly-once, 5): a user created in this process kept
+    ``ledger_complete`` after its oldest entries left the in-memory tail, so
+    ``history`` stopped at 200 entries."""
+    state = user()
+    for i in range(LEDGER_IN_MEMORY):
+        do(state, Grant(user=USER, amount=1, key=f"g{i}"))
+    assert state.ledger_complete and len(state.ledger) == LEDGER_IN_MEMORY
+    do(state, Grant(user=USER, amount=1, key="one-more"))
+    assert not state.ledger_complete and len(state.ledger) == LEDGER_IN_MEMORY
 
 
 # --------------------------------------------------------------------------- pushes
@@ -921,3 +967,18 @@ def test_restored_user_carries_on() -> None:
     refused(restored, buy(DRAGON, key="again"), ErrorCode.LIMIT_EXCEEDED)
     assert restored.profiles["main"].equipped == {"avatar": AVATAR}
     assert state.profiles["main"].equipped == {}  # the original is not shared
+
+
+def test_journal_records_survive_fields_added_before_and_after() -> None:
+    """A change record is durable: one written before a trailing field was
+    added decodes with the field's default, and one written by a later
+    version with a field this code does not know decodes too."""
+    state = user(100)
+    outcome = do(state, Purchase(rid=1, key="k", sku=LIFE, price=20))
+    change = outcome.change
+    assert change is not None
+    fields = msgspec.msgpack.decode(encode_change(change))
+    later = msgspec.msgpack.encode([*fields, "a field from the future"])
+    assert decode_change(later) == change
+    earlier = msgspec.msgpack.encode(fields[:-1])  # before ``ledger`` existed
+    assert decode_change(earlier) == msgspec.structs.replace(change, ledger=None)

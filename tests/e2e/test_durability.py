@@ -11,9 +11,9 @@ import msgspec
 import ray
 from websockets.exceptions import ConnectionClosed
 
-from actors.host import BatchItem
-from actors.link import Endpoint, decode_replies, encode_batch, frame
-from actors.shard import shard_name
+from actors.routing import shard_name
+from actors.shard.link import Endpoint, decode_replies, encode_batch, frame
+from actors.shard.records import BatchItem
 from protocol.messages import Purchase, Role
 from tests.e2e.support import Client, ServerProcess, new_user
 
@@ -104,7 +104,7 @@ async def test_acknowledged_changes_survive_sigkill(fresh_server: ServerProcess)
 async def _apply_over_link(
     endpoint: Endpoint, catalog_version: int, items: list[BatchItem]
 ) -> list[bytes]:
-    """Send one batch to a shard the way a gateway does (actors/link.py)."""
+    """Send one batch to a shard the way a gateway does (actors/shard/link.py)."""
     reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
     try:
         writer.write(frame(endpoint.token + b"e2e-test") + encode_batch(catalog_version, items))
@@ -153,7 +153,7 @@ async def test_graceful_stop_keeps_everything(fresh_server: ServerProcess) -> No
 async def test_idle_users_are_passivated_and_come_back(ray_address: str, tmp_path: object) -> None:
     from pathlib import Path
 
-    from actors.shard import shard_of
+    from actors.routing import shard_of
 
     server = ServerProcess(
         Path(str(tmp_path)) / "p", ray_address, env={"LOADOUT_IDLE_SECONDS": "1"}

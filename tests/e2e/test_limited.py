@@ -11,7 +11,7 @@ import ray
 
 from actors.allowance import allowance_id
 from actors.catalog import demo_catalog_text
-from actors.shard import shard_name, shard_of
+from actors.routing import shard_name, shard_of
 from protocol.messages import Role
 from tests.e2e.support import Client, ServerProcess, new_user
 

@@ -155,7 +155,7 @@ async def test_empty_write_with_nothing_pending_resolves_at_once(shard: Shard) -
     assert shard.journal.write([]).done()
     await settle(shard.journal.write([shard.record(shard.user("a"), 1, 10, 10)]))
     done = shard.journal.write([])
-    assert done.done() and done.result() is None
+    assert done.done() and done.result() == frozenset()
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["durable", "failed"])
@@ -205,23 +205,102 @@ async def test_a_new_epoch_fences_the_old_journal_for_good(
     ],
     ids=["moved-row", "duplicate-version"],
 )
-async def test_another_writer_of_a_user_fences_the_whole_flush(
+async def test_another_writer_of_a_user_rejects_that_user_only(
     pool: asyncpg.Pool, shard: Shard, other_writer: str
 ) -> None:
     a, b = shard.user("a"), shard.user("b")
     await settle(shard.journal.write([shard.record(a, 1, 10, 10)]))
     await pool.execute(other_writer, a)
-    with pytest.raises(Fenced) as raised:
-        await settle(shard.journal.write([shard.record(a, 2, 30, 20), shard.record(b, 1, 5, 5)]))
-    assert not isinstance(raised.value, EpochFenced)
+    rejected = await settle(
+        shard.journal.write([shard.record(a, 2, 30, 20), shard.record(b, 1, 5, 5)])
+    )
+    assert rejected == {a}
     assert not shard.journal.fenced
-    assert shard.dropped == [{a, b}]
-    assert await stored(pool, b) == ([], [], None)
+    assert shard.dropped == [{a}]
+    assert await stored(pool, b) == ([1], [(1, 5, 5)], (1, 5, b"%s@1" % b.encode()))
     _, ledger, row = await stored(pool, a)
     assert ledger == [(1, 10, 10)] and row[1:] == (10, b"%s@1" % a.encode())
-    c = shard.user("c")  # only those users were taken: the shard still writes
-    await settle(shard.journal.write([shard.record(c, 1, 5, 5)]))
-    assert (await stored(pool, c))[0] == [1]
+
+
+async def test_a_duplicate_key_rejects_its_user_and_nobody_else(
+    pool: asyncpg.Pool, shard: Shard
+) -> None:
+    """Regression (issue exactly-once, 2): a key already in the journal failed
+    the whole group commit, unrelated users included."""
+    a, b = shard.user("a"), shard.user("b")
+    await settle(shard.journal.write([shard.record(a, 1, 10, 10)._replace(key="a:old")]))
+    again = shard.record(a, 2, 20, 10)._replace(key="a:old")
+    others = [shard.record(b, 1, 5, 5)._replace(key="a:old"), shard.record(b, 2, 6, 1)]
+    rejected = await settle(shard.journal.write([again, *others]))
+    assert rejected == {a}
+    assert (await stored(pool, a))[0] == [1]
+    assert (await stored(pool, b))[0] == [1, 2]
+    assert shard.journal.rejections == 1
+
+
+async def test_the_same_key_twice_in_one_flush_rejects_its_user(
+    pool: asyncpg.Pool, shard: Shard
+) -> None:
+    a, b = shard.user("a"), shard.user("b")
+    twice = [
+        shard.record(a, 1, 1, 1)._replace(key="p:k"),
+        shard.record(a, 2, 2, 1)._replace(key="p:k"),
+    ]
+    rejected = await settle(shard.journal.write([*twice, shard.record(b, 1, 5, 5)]))
+    assert rejected == {a}
+    assert await stored(pool, a) == ([], [], None)
+    assert (await stored(pool, b))[0] == [1]
+
+
+async def test_a_state_row_behind_its_records_is_refused(pool: asyncpg.Pool, shard: Shard) -> None:
+    """Regression (issue exactly-once, 4): a state row whose version is not the
+    user's highest record (a user reloaded while its records were buffered)
+    was written, and the user's balance lost an acknowledged change."""
+    a, b = shard.user("a"), shard.user("b")
+    await settle(shard.journal.write([shard.record(a, 1, 10, 10)]))
+    record = shard.record(a, 2, 20, 10)
+    shard.rows[a] = UserRow(1, 10, b"stale")  # the snapshot of a reloaded user
+    rejected = await settle(shard.journal.write([record, shard.record(b, 1, 5, 5)]))
+    assert rejected == {a}
+    assert await stored(pool, a) == ([1], [(1, 10, 10)], (1, 10, b"%s@1" % a.encode()))
+    assert (await stored(pool, b))[0] == [1]
+
+
+async def test_records_buffered_behind_a_rejected_user_are_dropped_with_it(
+    pool: asyncpg.Pool, shard: Shard
+) -> None:
+    a, b = shard.user("a"), shard.user("b")
+    await settle(shard.journal.write([shard.record(a, 1, 10, 10)._replace(key="p:k")]))
+    async with epoch_row_held(pool, shard.number, bump=False):
+        duplicate = shard.journal.write([shard.record(a, 2, 20, 10)._replace(key="p:k")])
+        await flush_waiting(pool)
+        behind = shard.journal.write([shard.record(a, 3, 30, 10), shard.record(b, 1, 5, 5)])
+        assert shard.journal.is_pending(a)
+    assert await settle(duplicate) == {a}
+    assert await settle(behind) == {a}
+    assert not shard.journal.is_pending(a)
+    assert (await stored(pool, a))[0] == [1]
+    assert (await stored(pool, b))[0] == [1]
+
+
+async def test_purge_drops_buffered_records_and_settled_waits_for_the_flight(
+    pool: asyncpg.Pool, shard: Shard
+) -> None:
+    a, b = shard.user("a"), shard.user("b")
+    async with epoch_row_held(pool, shard.number, bump=False):
+        flying = shard.journal.write([shard.record(a, 1, 10, 10)])
+        await flush_waiting(pool)
+        buffered = shard.journal.write([shard.record(a, 2, 20, 10), shard.record(b, 1, 5, 5)])
+        shard.journal.purge({a})
+        assert shard.journal.is_pending(a)  # version 1 is still in flight
+        settled = asyncio.ensure_future(shard.journal.settled({a}))
+        await asyncio.sleep(0.1)
+        assert not settled.done()
+    await settle(settled)
+    assert await settle(flying) == frozenset()
+    assert await settle(buffered) == {a}
+    assert (await stored(pool, a))[0] == [1]
+    assert (await stored(pool, b))[0] == [1]
 
 
 async def test_a_failed_flush_fails_everything_buffered_behind_it(
@@ -266,17 +345,18 @@ async def test_a_failing_snapshot_fails_its_flush_and_the_journal_goes_on(
 async def test_a_reservation_is_sold_or_released_never_both(
     pool: asyncpg.Pool, shard: Shard
 ) -> None:
-    """Migration 5: whichever outcome of a reservation commits second fails
-    its whole flush (a purchase stalled in COMMIT cannot outlive a release)."""
-    buyer, stock = shard.user("buyer"), shard.user("stock")
+    """A reservation ends once: a second outcome rejects its entity's records
+    (a purchase stalled in COMMIT cannot outlive a release), and only those."""
+    buyer, stock, other = shard.user("buyer"), shard.user("stock"), shard.user("other")
     sold = shard.record(buyer, 1, 10)._replace(outcome=("u/k/f", 5, "sold"))
     await settle(shard.journal.write([sold]))
     released = shard.record(stock, 1, 0)._replace(outcome=("u/k/f", 5, "released"))
-    with pytest.raises(Fenced):
-        await settle(shard.journal.write([released]))
+    rejected = await settle(shard.journal.write([released, shard.record(other, 1, 1, 1)]))
+    assert rejected == {stock}
     assert (await stored(pool, stock))[0] == []
+    assert (await stored(pool, other))[0] == [1]
     later = shard.record(stock, 1, 0)._replace(outcome=("u/k/f", 6, "released"))
-    await settle(shard.journal.write([later]))  # a later reservation of the retry: its own
+    assert await settle(shard.journal.write([later])) == frozenset()
     outcomes = await pool.fetch("SELECT deadline, outcome FROM reservation_outcomes WHERE res = $1",
                                 "u/k/f")  # fmt: skip
     assert sorted((r["deadline"], r["outcome"]) for r in outcomes) == [(5, "sold"), (6, "released")]

@@ -16,9 +16,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from actors.link import Endpoint, LinkServer
+from actors.shard.link import Endpoint, GatewaySide, LinkServer
 from protocol.messages import State
-from server import batching
 from server.batching import ShardBatcher
 from tests.actors.test_link import Host
 
@@ -140,13 +139,13 @@ async def test_a_link_that_closes_as_it_opens_is_retried(monkeypatch: pytest.Mon
     """A shard that dies just after ``endpoint()`` answered: the reset can reach
     the new link before the connecting coroutine resumes (a busy loop turn,
     here a 50 ms sleep).  The batcher must retry, not give up for good."""
-    original = batching._Link.connection_made
+    original = GatewaySide.connection_made
 
-    def busy(self: batching._Link, transport: asyncio.BaseTransport) -> None:
+    def busy(self: GatewaySide, transport: asyncio.BaseTransport) -> None:
         original(self, transport)
         time.sleep(0.05)
 
-    monkeypatch.setattr(batching._Link, "connection_made", busy)
+    monkeypatch.setattr(GatewaySide, "connection_made", busy)
     resetting = socket.socket()
     resetting.bind(("127.0.0.1", 0))
     resetting.listen(16)

@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from actors.catalog import Catalog, demo_catalog_text, parse_catalog
-from actors.host import ShardRequest
+from actors.shard.records import ShardRequest
 from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
 from server.auth import issue_token
 from server.batching import Answer

@@ -27,6 +27,8 @@ one it lost track of.  A sender's new connection also supersedes its old one
 at once, so the guarantee holds even when the shard never saw the old one
 drop (a reset lost between hosts).
 
+Both ends live here: ``LinkServer`` (the shard's) and ``GatewaySide`` with
+``open_link`` (the gateway's; ``server.batching`` drives it).
 ``FrameReader`` is the sans-I/O part (no asyncio), tested without sockets.
 """
 
@@ -43,19 +45,22 @@ from typing import NamedTuple, cast
 
 import msgspec
 
-from actors.host import BatchItem, ShardRequest
+from actors.shard.records import BatchItem, ShardRequest
 from protocol.errors import ErrorCode
 from protocol.messages import Error
 
 __all__ = [
     "MAX_FRAME",
+    "SENDER_SIZE",
     "Endpoint",
     "FrameError",
     "FrameReader",
+    "GatewaySide",
     "LinkServer",
     "decode_replies",
     "encode_batch",
     "frame",
+    "open_link",
     "unavailable",
 ]
 
@@ -289,3 +294,71 @@ def unavailable(rid: str | int | None, message: str) -> bytes:
         return _encoder.encode(Error(rid=rid, code=ErrorCode.UNAVAILABLE.value, message=message))
     except (OverflowError, TypeError):  # never let one odd rid stop a batch
         return _encoder.encode(Error(rid=None, code=ErrorCode.UNAVAILABLE.value, message=message))
+
+
+# ---------------------------------------------------------------- the gateway's end
+
+OnFrame = Callable[["GatewaySide", bytes], None]
+OnLost = Callable[["GatewaySide", "Exception | None"], None]
+
+
+class GatewaySide(asyncio.Protocol):
+    """The gateway's end of one shard link: hands whole frames to its owner."""
+
+    def __init__(self, shard: int, on_frame: OnFrame, on_lost: OnLost) -> None:
+        self._shard = shard
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self._reader = FrameReader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._reader.feed(data)
+        except FrameError as exc:
+            return self.abort(str(exc))
+        for body in frames:
+            if self.transport is None or self.transport.is_closing():
+                return  # dropped on an earlier frame: trust nothing after it
+            self._on_frame(self, body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._on_lost(self, exc)
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def abort(self, reason: str) -> None:
+        log.warning("shard %d link dropped: %s", self._shard, reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def open_link(
+    shard: int,
+    endpoint: Endpoint,
+    sender: bytes,
+    on_frame: OnFrame,
+    on_lost: OnLost,
+) -> GatewaySide:
+    """Connect to a shard's endpoint and present the token and sender id
+    (the caller bounds the time it may take)."""
+    loop = asyncio.get_running_loop()
+    _, link = await loop.create_connection(
+        lambda: GatewaySide(shard, on_frame, on_lost), endpoint.host, endpoint.port
+    )
+    transport = link.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionError("the link closed as it opened")
+    transport.write(frame(endpoint.token + sender))
+    log.info("shard %d linked at %s:%d", shard, endpoint.host, endpoint.port)
+    return link

@@ -2,11 +2,12 @@
 
 A user id maps to one shard by a stable hash, so every gateway process finds
 the same actor by name.  Gateways ask it for its ``endpoint`` through Ray and
-send their batches on a socket (``actors/link.py``); Ray carries the control
-calls.  The actor starts its host lazily on the first call,
-so a Ray restart of a crashed actor (which re-runs only the constructor)
-comes back by itself, taking a new epoch that fences out anything the old
-process still had in flight.
+send their batches on a socket (``actors/shard/link.py``); Ray carries the
+control calls.  The actor starts its host lazily on the first call, so a Ray
+restart of a crashed actor (which re-runs only the constructor) comes back by
+itself, taking a new epoch that fences out anything the old process still
+had in flight.  A start that fails (the database not up yet) is retried with
+backoff, and the next call tries again if every attempt failed.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ from typing import Any
 
 import ray
 
-from actors.host import AllowanceOp, ShardHost, ShardSettings, shard_index
-from actors.link import Endpoint, LinkServer
+from actors.routing import shard_name
+from actors.saga import SagaStep
+from actors.shard.host import ShardHost, ShardSettings
+from actors.shard.link import Endpoint, LinkServer
 
-__all__ = ["ShardActor", "shard_handles", "shard_name", "shard_of"]
+__all__ = ["ShardActor", "shard_handles", "tune_collector"]
 
+log = logging.getLogger("loadout.shard")
 
-def shard_of(user_id: str, shards: int) -> int:
-    """The shard of a user (or allowance): stable across processes."""
-    return shard_index(user_id, shards)
-
-
-def shard_name(shard: int) -> str:
-    return f"loadout-shard-{shard}"
+#: Attempts of one start, and the first wait between them (doubling, capped).
+START_ATTEMPTS = 8
+START_BACKOFF = 0.25
+START_BACKOFF_MAX = 4.0
 
 
 def tune_collector() -> None:
@@ -62,13 +63,28 @@ class ShardActor:
         self._started: asyncio.Task[None] | None = None
 
     async def _ready(self) -> ShardHost:
-        if self._started is None:
-            self._started = asyncio.get_running_loop().create_task(self._start())
-        await asyncio.shield(self._started)
+        started = self._started
+        if started is None or _failed(started):
+            # Never started, or every attempt of the last start failed: try again.
+            started = self._started = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(started)
         return self._host
 
     async def _start(self) -> None:
-        await self._host.start()
+        delay = START_BACKOFF
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                await self._host.start()
+                break
+            except Exception as exc:
+                if attempt == START_ATTEMPTS:
+                    log.error("shard %d did not start: %r", self._shard, exc)
+                    raise
+                log.warning(
+                    "shard %d could not start (%r); retrying in %.2f s", self._shard, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, START_BACKOFF_MAX)
         tune_collector()
 
     async def start(self) -> dict[str, Any]:
@@ -76,29 +92,29 @@ class ShardActor:
         return host.stats()
 
     async def endpoint(self) -> Endpoint:
-        """Where gateways send batches (``actors/link.py``): this node's
+        """Where gateways send batches (``actors/shard/link.py``): this node's
         address, a port, and a token that changes with every restart."""
         await self._ready()
         host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         return await self._link.start(host)
 
-    async def apply_allowances(self, catalog_version: int, ops: list[AllowanceOp]) -> list[int]:
+    async def apply_steps(self, catalog_version: int, steps: list[SagaStep]) -> list[int]:
         host = await self._ready()
-        return await host.apply_allowances(catalog_version, ops)
+        return await host.apply_steps(catalog_version, steps)
 
     async def _call_shard(
-        self, shard: int, catalog_version: int, ops: list[AllowanceOp]
+        self, shard: int, catalog_version: int, steps: list[SagaStep]
     ) -> list[int]:
-        """A saga step on the shard hosting an allowance: this one directly,
+        """Saga steps on the shard hosting an allowance: this one directly,
         another through Ray (found by name in this actor's namespace)."""
         if shard == self._shard:
-            return await asyncio.wait_for(self._host.apply_allowances(catalog_version, ops), 10)
+            return await asyncio.wait_for(self._host.apply_steps(catalog_version, steps), 10)
         peer = self._peers.get(shard)
         if peer is None:
             namespace = ray.get_runtime_context().namespace
             peer = self._peers[shard] = ray.get_actor(shard_name(shard), namespace=namespace)
         result: list[int] = await asyncio.wait_for(
-            peer.apply_allowances.remote(catalog_version, ops), 10
+            peer.apply_steps.remote(catalog_version, steps), 10
         )
         return result
 
@@ -108,8 +124,13 @@ class ShardActor:
 
     async def close(self) -> None:
         await self._link.close()
-        if self._started is not None:
+        started = self._started
+        if started is not None and started.done() and not _failed(started):
             await self._host.close()
+
+
+def _failed(task: asyncio.Task[None]) -> bool:
+    return task.done() and (task.cancelled() or task.exception() is not None)
 
 
 def _run_at_normal_priority() -> None:
