@@ -285,6 +285,12 @@ class Journal:
     async def _flush(self, records: list[JournalRecord], rows: dict[str, UserRow]) -> set[str]:
         """One statement, so one round trip and one transaction; returns the
         entities whose records were left out."""
+        unsound = _unsound(records, rows)
+        if unsound:
+            records = [r for r in records if r.user_id not in unsound]
+            rows = {u: row for u, row in rows.items() if u not in unsound}
+            if not records:
+                return unsound
         base: dict[str, int] = {}
         for record in records:
             base.setdefault(record.user_id, record.version - 1)
@@ -312,7 +318,22 @@ class Journal:
             if exc.sqlstate == "LF002" or isinstance(exc, asyncpg.UniqueViolationError):
                 raise Fenced(f"another writer moved these users: {exc}") from None
             raise
-        return set(rejected)
+        return set(rejected) | unsound
+
+
+def _unsound(records: list[JournalRecord], rows: dict[str, UserRow]) -> set[str]:
+    """Entities whose records in a flush do not follow each other, or whose
+    state row is not as of their last record (a state row must never be
+    written behind the entity's highest journal version)."""
+    last: dict[str, int] = {}
+    unsound: set[str] = set()
+    for record in records:
+        before = last.get(record.user_id)
+        if before is not None and record.version != before + 1:
+            unsound.add(record.user_id)
+        last[record.user_id] = record.version
+    unsound.update(u for u, version in last.items() if rows[u].version != version)
+    return unsound
 
 
 _FLUSH = "SELECT loadout_flush(" + ", ".join(f"${i}" for i in range(1, 28)) + ")"

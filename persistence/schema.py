@@ -131,11 +131,15 @@ MIGRATIONS: list[str] = [
 ]
 
 #: The journal flush in one statement, so one round trip and one transaction
-#: (persistence.journal): fence on the shard epoch; leave out the records of
-#: every entity that cannot be written as it is, and return their ids; append
-#: journal, ledger and reservation-outcome rows; move the state rows only from
-#: the version this writer read.  Defined here once and installed by
-#: ``migrate`` whenever it differs from what the database has.
+#: (persistence.journal): fence on the shard epoch; append journal, ledger and
+#: reservation-outcome rows; move the state rows only from the version this
+#: writer read.  When something cannot be written as it is (a unique index or
+#: the state-row check says so), the attempt is rolled back to its savepoint,
+#: the entities at fault are found, and the flush is written again without
+#: their rows; their ids are returned.  So the checks cost nothing on the
+#: usual path, and one entity's conflict never fails the others.  Defined
+#: here once and installed by ``migrate`` whenever it differs from the
+#: database's copy.
 FLUSH_FUNCTION = """
 CREATE FUNCTION loadout_flush(
     p_shard integer, p_epoch bigint,
@@ -149,7 +153,8 @@ CREATE FUNCTION loadout_flush(
 ) RETURNS text[] LANGUAGE plpgsql AS $$
 DECLARE
     owner bigint;
-    rejected text[];
+    rejected text[] := '{}';
+    checked boolean := false;
     moved integer;
 BEGIN
     SELECT epoch INTO owner FROM shard_epochs WHERE shard = p_shard FOR SHARE;
@@ -157,75 +162,76 @@ BEGIN
         RAISE EXCEPTION 'shard % epoch % was replaced by epoch %', p_shard, p_epoch, owner
             USING ERRCODE = 'LF001';
     END IF;
-    rejected := ARRAY(
-        -- a key the entity used before (a replay applied as new), or twice here
-        SELECT r.user_id FROM unnest(j_user, j_key) AS r(user_id, key)
-          JOIN journal j ON j.user_id = r.user_id AND j.key = r.key
-        UNION
-        SELECT r.user_id FROM unnest(j_user, j_key) AS r(user_id, key)
-         WHERE r.key IS NOT NULL GROUP BY r.user_id, r.key HAVING count(*) > 1
-        UNION
-        -- a reservation that has ended already, or ends twice here
-        SELECT o.user_id FROM unnest(o_user, o_res, o_deadline) AS o(user_id, res, deadline)
-          JOIN reservation_outcomes x ON x.res = o.res AND x.deadline = o.deadline
-        UNION
-        SELECT min(o.user_id) FROM unnest(o_user, o_res, o_deadline) AS o(user_id, res, deadline)
-         GROUP BY o.res, o.deadline HAVING count(*) > 1
-        UNION
-        -- records with no state row, or a state row that is not the entity's
-        -- highest record, or records that do not follow the row's version
-        SELECT r.user_id FROM unnest(j_user) AS r(user_id) WHERE r.user_id <> ALL (u_user)
-        UNION
-        SELECT n.user_id
-          FROM unnest(u_user, u_base, u_version) AS n(user_id, base, version)
-          LEFT JOIN (SELECT r.user_id, min(r.version) AS lo, max(r.version) AS hi,
-                            count(*) AS c
-                       FROM unnest(j_user, j_version) AS r(user_id, version)
-                      GROUP BY r.user_id) AS r ON r.user_id = n.user_id
-         WHERE r.user_id IS NULL OR r.lo <> n.base + 1 OR r.hi <> n.version
-            OR r.c <> n.version - n.base
-        UNION
-        -- a row another writer moved (or made, for an entity new to this
-        -- writer), or records another writer added past the row
-        SELECT n.user_id FROM unnest(u_user, u_base) AS n(user_id, base)
-          LEFT JOIN users u ON u.user_id = n.user_id
-         WHERE u.version IS DISTINCT FROM nullif(n.base, 0)
-            OR EXISTS (SELECT 1 FROM journal j
-                        WHERE j.user_id = n.user_id AND j.version > n.base)
-    );
-    INSERT INTO reservation_outcomes (res, deadline, outcome)
-        SELECT o.res, o.deadline, o.outcome
-          FROM unnest(o_user, o_res, o_deadline, o_outcome) AS o(user_id, res, deadline, outcome)
-         WHERE o.user_id <> ALL (rejected);
-    INSERT INTO journal (user_id, version, at, kind, key, change)
-        SELECT r.user_id, r.version, r.at, r.kind, r.key, r.change
-          FROM unnest(j_user, j_version, j_at, j_kind, j_key, j_change)
-               AS r(user_id, version, at, kind, key, change)
-         WHERE r.user_id <> ALL (rejected);
-    INSERT INTO ledger (user_id, seq, at, kind, amount, balance, sku, quantity, key)
-        SELECT l.user_id, l.seq, l.at, l.kind, l.amount, l.balance, l.sku, l.quantity, l.key
-          FROM unnest(l_user, l_seq, l_at, l_kind, l_amount, l_balance, l_sku, l_quantity, l_key)
-               AS l(user_id, seq, at, kind, amount, balance, sku, quantity, key)
-         WHERE l.user_id <> ALL (rejected);
-    UPDATE users AS u
-       SET version = n.version, balance = n.balance, state = n.state,
-           next_expiry = n.next_expiry, updated_at = now()
-      FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
-           AS n(user_id, base, version, balance, state, next_expiry)
-     WHERE n.base > 0 AND n.user_id <> ALL (rejected)
-       AND u.user_id = n.user_id AND u.version = n.base;
-    GET DIAGNOSTICS moved = ROW_COUNT;
-    IF moved <> (SELECT count(*) FROM unnest(u_user, u_base) AS b(user_id, base)
-                  WHERE b.base > 0 AND b.user_id <> ALL (rejected)) THEN
-        -- only a writer racing this very statement gets here
-        RAISE EXCEPTION 'user rows moved under this writer' USING ERRCODE = 'LF002';
-    END IF;
-    INSERT INTO users (user_id, version, balance, state, next_expiry)
-        SELECT n.user_id, n.version, n.balance, n.state, n.next_expiry
-          FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
-               AS n(user_id, base, version, balance, state, next_expiry)
-         WHERE n.base = 0 AND n.user_id <> ALL (rejected);
-    RETURN rejected;
+    LOOP
+        BEGIN
+            INSERT INTO reservation_outcomes (res, deadline, outcome)
+                SELECT o.res, o.deadline, o.outcome
+                  FROM unnest(o_user, o_res, o_deadline, o_outcome)
+                       AS o(user_id, res, deadline, outcome)
+                 WHERE o.user_id <> ALL (rejected);
+            INSERT INTO journal (user_id, version, at, kind, key, change)
+                SELECT r.user_id, r.version, r.at, r.kind, r.key, r.change
+                  FROM unnest(j_user, j_version, j_at, j_kind, j_key, j_change)
+                       AS r(user_id, version, at, kind, key, change)
+                 WHERE r.user_id <> ALL (rejected);
+            INSERT INTO ledger (user_id, seq, at, kind, amount, balance, sku, quantity, key)
+                SELECT l.user_id, l.seq, l.at, l.kind, l.amount, l.balance, l.sku, l.quantity,
+                       l.key
+                  FROM unnest(l_user, l_seq, l_at, l_kind, l_amount, l_balance, l_sku,
+                              l_quantity, l_key)
+                       AS l(user_id, seq, at, kind, amount, balance, sku, quantity, key)
+                 WHERE l.user_id <> ALL (rejected);
+            UPDATE users AS u
+               SET version = n.version, balance = n.balance, state = n.state,
+                   next_expiry = n.next_expiry, updated_at = now()
+              FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
+                   AS n(user_id, base, version, balance, state, next_expiry)
+             WHERE n.base > 0 AND n.user_id <> ALL (rejected)
+               AND u.user_id = n.user_id AND u.version = n.base;
+            GET DIAGNOSTICS moved = ROW_COUNT;
+            IF moved <> (SELECT count(*) FROM unnest(u_user, u_base) AS b(user_id, base)
+                          WHERE b.base > 0 AND b.user_id <> ALL (rejected)) THEN
+                RAISE EXCEPTION 'user rows moved under this writer' USING ERRCODE = 'LF002';
+            END IF;
+            INSERT INTO users (user_id, version, balance, state, next_expiry)
+                SELECT n.user_id, n.version, n.balance, n.state, n.next_expiry
+                  FROM unnest(u_user, u_base, u_version, u_balance, u_state, u_next_expiry)
+                       AS n(user_id, base, version, balance, state, next_expiry)
+                 WHERE n.base = 0 AND n.user_id <> ALL (rejected);
+            RETURN rejected;
+        EXCEPTION WHEN unique_violation OR SQLSTATE 'LF002' THEN
+            IF checked THEN
+                RAISE;  -- not foreseen by the checks: a writer racing this one
+            END IF;
+        END;
+        checked := true;
+        rejected := ARRAY(
+            -- a key the entity used before (a replay applied as new), or twice here
+            SELECT r.user_id FROM unnest(j_user, j_key) AS r(user_id, key)
+             WHERE r.key IS NOT NULL AND EXISTS (
+                   SELECT 1 FROM journal j WHERE j.user_id = r.user_id AND j.key = r.key)
+            UNION
+            SELECT r.user_id FROM unnest(j_user, j_key) AS r(user_id, key)
+             WHERE r.key IS NOT NULL GROUP BY r.user_id, r.key HAVING count(*) > 1
+            UNION
+            -- a reservation that has ended already, or ends twice here
+            SELECT o.user_id FROM unnest(o_user, o_res, o_deadline) AS o(user_id, res, deadline)
+             WHERE EXISTS (SELECT 1 FROM reservation_outcomes x
+                            WHERE x.res = o.res AND x.deadline = o.deadline)
+            UNION
+            SELECT min(o.user_id)
+              FROM unnest(o_user, o_res, o_deadline) AS o(user_id, res, deadline)
+             GROUP BY o.res, o.deadline HAVING count(*) > 1
+            UNION
+            -- a row another writer moved (or made, for an entity new to this
+            -- writer), or records another writer added past the row
+            SELECT n.user_id FROM unnest(u_user, u_base) AS n(user_id, base)
+              LEFT JOIN users u ON u.user_id = n.user_id
+             WHERE u.version IS DISTINCT FROM nullif(n.base, 0)
+                OR EXISTS (SELECT 1 FROM journal j
+                            WHERE j.user_id = n.user_id AND j.version > n.base)
+        );
+    END LOOP;
 END
 $$;
 """
