@@ -28,6 +28,7 @@ import ctypes
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -169,6 +170,23 @@ def _stop_leftover(pidfile: Path, home: Path, sig: signal.Signals, name: str) ->
     raise EmbeddedError(f"leftover {name} (pid {pid}) on {home} survived SIGKILL")
 
 
+#: What PostgreSQL says when the previous postmaster has not quite gone.
+_TRANSIENT = re.compile(r"lock file \S+ already exists|shared memory block .* is still in use")
+
+
+def _drop_stale_pidfile(pidfile: Path) -> None:
+    """Remove a postmaster.pid whose process is gone or a zombie: PostgreSQL
+    itself takes a zombie for a live postmaster and refuses to start."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    if pid != os.getpid() and not _alive(pid):
+        _log.warning("removing %s of pid %d, which is gone", pidfile, pid)
+        with contextlib.suppress(OSError):
+            pidfile.unlink()
+
+
 class _Child:
     """One server process we started, its socket and its log."""
 
@@ -275,7 +293,22 @@ class EmbeddedPostgres(_Child):
         args += ["-k", self._socket]
         for name, value in _PG_SETTINGS.items():
             args += ["-c", f"{name}={value}"]
-        self._launch(args, owner, lambda: self._psql("SELECT 1", deadline) is not None, deadline)
+        while True:
+            _drop_stale_pidfile(self._pgdata / "postmaster.pid")
+            try:
+                self._launch(
+                    args, owner, lambda: self._psql("SELECT 1", deadline) is not None, deadline
+                )
+                break
+            except EmbeddedError as exc:
+                # Just after a kill -9 the old postmaster may linger as a zombie
+                # and its backends hold the shared memory for a moment.
+                if time.monotonic() > deadline - 1 or not _TRANSIENT.search(str(exc)):
+                    raise
+                _log.warning(
+                    "postgres cannot start yet (%s); retrying", _TRANSIENT.search(str(exc))
+                )
+                time.sleep(0.25)
         exists = self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{_PG_DATABASE}'", deadline)
         if exists != "1" and self._psql(f'CREATE DATABASE "{_PG_DATABASE}"', deadline) is None:
             self.stop()

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from server.gateway import Gateway
 from server.metrics import Metrics
 from server.pushes import PushFanout
 from server.ratelimit import RateLimiter
+from server.supervision import Supervisor, lock_data_dir
 
 __all__ = ["BackendFactory", "CatalogHolder", "Services", "read_services", "run_server"]
 
@@ -141,8 +143,20 @@ def stop_leftover_ray(data_dir: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+#: Ray keeps Unix sockets under its temporary directory; sun_path holds 107
+#: bytes, and the session's own part of the path takes about 65 of them.
+_RAY_SOCKET_SUFFIX = len("/session_2026-12-02_08-33-21_348879_27311/sockets/plasma_store")
+
+
 def start_ray(settings: Settings) -> bool:
-    """Connect to the configured Ray cluster or start a local one; True if local."""
+    """Connect to the configured Ray cluster or start a local one; True if local.
+
+    A local Ray is the embedded default, so it listens on loopback only and
+    keeps its files under the data directory: Ray is not safe on an
+    untrusted network.  On Linux Ray uses the machine's address unless told
+    it is not a cluster (the variable below, read when Ray is imported)."""
+    if not settings.ray_address:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     if settings.ray_address:
@@ -159,8 +173,33 @@ def start_ray(settings: Settings) -> bool:
         num_cpus=max(2, os.cpu_count() or 2),
         include_dashboard=False,
         logging_level=logging.WARNING,
+        _temp_dir=str(ray_temp_dir(settings.data_dir)),
     )
+    address = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+    if address not in ("127.0.0.1", "::1"):
+        log.warning(
+            "the local Ray listens on %s, not loopback only (Ray imported too early)", address
+        )
     return True
+
+
+def ray_temp_dir(data_dir: Path) -> Path:
+    """``<data dir>/ray`` if Ray's sockets fit under it; else a private
+    temporary directory, named in ``<data dir>/ray`` (a symbolic link)."""
+    home = data_dir.resolve() / "ray"
+    if len(os.fsencode(home)) + _RAY_SOCKET_SUFFIX < 107:
+        if home.is_symlink():
+            home.unlink()
+        home.mkdir(mode=0o700, exist_ok=True)
+        return home
+    target = home.readlink() if home.is_symlink() else None
+    if target is None or not target.is_dir():
+        if home.is_symlink():
+            home.unlink()
+        target = Path(tempfile.mkdtemp(prefix="loadout-ray-"))
+        home.symlink_to(target, target_is_directory=True)
+        log.info("Ray's files are in %s (a path under the data directory is too long)", target)
+    return target
 
 
 class CatalogHolder:
@@ -199,6 +238,8 @@ async def serve_async(
     services: Services,
     stop: asyncio.Event,
     backend_factory: BackendFactory | None = None,
+    metrics: Metrics | None = None,
+    supervisor: Supervisor | None = None,
 ) -> None:
     from actors.shard.actor import shard_handles
 
@@ -212,7 +253,7 @@ async def serve_async(
         holder = CatalogHolder(pool)
         await holder.refresh()
 
-        metrics = Metrics()
+        metrics = metrics or Metrics()
         handles: list[Any] = []
         backend: Backend
         if backend_factory is not None:
@@ -313,7 +354,14 @@ def run_server(
     import uvloop
 
     settings = settings.with_secret()
+    lock = lock_data_dir(settings.data_dir)  # before anything is started or cleaned up
     services = start_services(settings)
+    metrics = Metrics()
+    supervisor = Supervisor(
+        {_EMBEDDED_NAMES[type(child)]: child for child in services.embedded},
+        on_restart=lambda name: metrics.restarts.labels(name).inc(),
+    )
+    supervisor.start()
     try:
         if uses_ray:
             services.ray_local = start_ray(settings)
@@ -323,13 +371,19 @@ def run_server(
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            await serve_async(settings, services, stop, backend_factory)
+            await serve_async(settings, services, stop, backend_factory, metrics, supervisor)
 
         uvloop.run(main())
     finally:
         import ray
 
+        supervisor.stop()
         if ray.is_initialized():
             ray.shutdown()
         services.stop()
+        os.close(lock)
         log.info("stopped")
+
+
+#: How the supervisor, the metrics and ``/readyz`` name the embedded services.
+_EMBEDDED_NAMES: dict[type, str] = {EmbeddedPostgres: "postgresql", EmbeddedRedis: "redis"}

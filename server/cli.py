@@ -41,8 +41,13 @@ log = logging.getLogger("loadout.cli")
 
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from server.app import run_server
+    from server.supervision import DataDirInUse
 
-    run_server(settings)
+    try:
+        run_server(settings)
+    except DataDirInUse as exc:
+        print(f"loadout serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

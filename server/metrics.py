@@ -35,6 +35,14 @@ class Metrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
             registry=self.registry,
         )  # fmt: skip
+        self.restarts = Counter(
+            "loadout_dependency_restarts", "Embedded services started again after they died.",
+            ["dependency"], registry=self.registry,
+        )  # fmt: skip
+        self.dependency_up = Gauge(
+            "loadout_dependency_up", "1 when a dependency answers, 0 when it does not.",
+            ["dependency"], registry=self.registry,
+        )  # fmt: skip
         self.disconnects = Counter(
             "loadout_disconnects", "Connections closed by the server, by reason.",
             ["reason"], registry=self.registry,

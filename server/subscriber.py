@@ -10,6 +10,9 @@ subscriber speaks the same protocol on a connection of our own
 When the connection drops it reconnects with a growing delay and subscribes
 again to every channel it had; messages published meanwhile are lost, as
 with redis-py (pushes are best effort: clients resync with ``state``).
+Subscribing while Redis is down succeeds at once (the channel is taken on
+reconnection), so a client connecting meanwhile is served, without pushes
+until Redis is back.
 """
 
 from __future__ import annotations
@@ -59,12 +62,18 @@ class Subscriber:
         await self._send(b"UNSUBSCRIBE", unwanted)
 
     async def _send(self, command: bytes, channels: list[bytes]) -> None:
-        if not channels:
+        """Send and wait for Redis's confirmations.  While Redis is down this
+        returns at once: the reconnection subscribes to every channel wanted
+        then, and nothing can be published meanwhile for a subscriber to miss."""
+        connection = self._connection
+        if not channels or connection is None:
             return
-        if self._connection is None:
-            raise ConnectionError("not connected to Redis")
-        replies = self._connection.send(command, *channels, replies=len(channels))
-        await asyncio.gather(*replies)
+        try:
+            await asyncio.gather(*connection.send(command, *channels, replies=len(channels)))
+        except ConnectionError:
+            if connection is self._connection:
+                raise  # Redis refused the command on a live connection
+            # Lost meanwhile: the reconnection (re)subscribes.
 
     async def _connect(self) -> None:
         connection = await connect(self._redis, self._on_message, self._lost)
