@@ -36,6 +36,7 @@ from protocol.messages import Purchase, Redeem
 __all__ = [
     "RESERVATION_MS",
     "SETTLE_AFTER_MS",
+    "STEP_TIMEOUT",
     "Hold",
     "HoldState",
     "Need",
@@ -48,6 +49,8 @@ __all__ = [
     "settlement",
 ]
 
+#: A saga step on another shard is given up after this long (seconds).
+STEP_TIMEOUT = 10.0
 #: A purchase must be applied this soon after its unit was reserved...
 RESERVATION_MS = 10_000
 #: ...and a reservation left behind is settled only this long after that:

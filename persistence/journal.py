@@ -127,7 +127,9 @@ class Journal:
         *,
         max_records: int = 5000,
         interval: float = 0.0,
+        on_fenced: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_fenced = on_fenced
         self._pool = pool
         self._shard = shard
         self._epoch = epoch
@@ -265,9 +267,11 @@ class Journal:
 
     def _fail(self, records: list[JournalRecord], writes: list[_Write], exc: Exception) -> None:
         if isinstance(exc, Fenced):
-            self.fenced = isinstance(exc, EpochFenced)
             log.error("shard %d fenced out: %s", self._shard, exc)
             error: JournalError = exc
+            if isinstance(exc, EpochFenced) and not self.fenced:
+                self.fenced = True
+                self._on_fenced()
         else:
             log.error(
                 "shard %d journal flush of %d records failed: %r", self._shard, len(records), exc

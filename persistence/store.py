@@ -10,6 +10,7 @@ from typing import NamedTuple
 import asyncpg
 
 __all__ = [
+    "STATEMENT_TIMEOUT",
     "CatalogRow",
     "acquire_epoch",
     "load_catalog",
@@ -22,6 +23,10 @@ __all__ = [
     "open_pool",
     "publish_catalog",
 ]
+
+
+#: Bounds every statement, a journal flush included (seconds).
+STATEMENT_TIMEOUT = 30.0
 
 
 async def _keep_session(con: asyncpg.Connection) -> None:
@@ -38,7 +43,7 @@ async def open_pool(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.P
         reset=_keep_session,
         server_settings={
             # Bounds a journal flush (one statement): see SETTLE_AFTER_MS in actors.saga.
-            "statement_timeout": "30s",
+            "statement_timeout": f"{int(STATEMENT_TIMEOUT * 1000)}",
             # The flush function's statements take arrays whose sizes change with
             # every batch, and PostgreSQL kept re-planning all six of them per
             # call (custom plans): about 2 ms of a 3-record flush. Our queries

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -271,22 +272,33 @@ async def serve_async(
                 )
                 for i in range(settings.shards)
             ]
-            handles = shard_handles(
-                shard_settings,
-                namespace=settings.ray_namespace,
-                detached=not services.ray_local,
-                log_level=logging.getLevelName(settings.log_level),
-            )
+
+            def handles_of(chosen: list[ShardSettings]) -> list[Any]:
+                """The shard actors by name (made if missing, e.g. killed for good)."""
+                return shard_handles(
+                    chosen,
+                    namespace=settings.ray_namespace,
+                    detached=not services.ray_local,
+                    log_level=logging.getLevelName(settings.log_level),
+                )
+
+            handles = handles_of(shard_settings)
             for handle in handles:
                 await handle.start.remote()
             if services.ray_local:
                 record_ray_processes(settings.data_dir, {c.pid or 0 for c in services.embedded})
             batchers = [
-                ShardBatcher(i, h, lambda: holder.catalog.version, on_batch=metrics.batches.observe)
+                ShardBatcher(
+                    i,
+                    h,
+                    lambda: holder.catalog.version,
+                    on_batch=metrics.batches.observe,
+                    resolve=functools.partial(lambda s: handles_of([s])[0], shard_settings[i]),
+                )
                 for i, h in enumerate(handles)
             ]
             router = ShardRouter(batchers)
-            await router.start()
+            await router.start(wait=60.0)
             backend = router
         limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
         gateway = Gateway(

@@ -17,6 +17,7 @@ batcher reconnects; the shard makes the next batch wait for the lost one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -26,7 +27,9 @@ from typing import Any, Protocol
 import msgspec
 
 from actors.routing import shard_of
+from actors.saga import STEP_TIMEOUT
 from actors.shard.link import (
+    MAX_FRAME,
     SENDER_SIZE,
     Endpoint,
     GatewaySide,
@@ -36,6 +39,7 @@ from actors.shard.link import (
     unavailable,
 )
 from actors.shard.records import BatchItem, ShardRequest
+from persistence.store import STATEMENT_TIMEOUT
 
 __all__ = ["Answer", "Backend", "ShardBatcher", "ShardBusy", "ShardRouter"]
 
@@ -51,6 +55,10 @@ class ShardBusy(Exception):
 
 
 _LOST = "the shard did not answer; retry with the same key"
+#: How long a batch may take before its link is given up: longer than the
+#: shard's own worst case (a journal flush bounded by the statement timeout,
+#: and a saga step), so that a slow database does not tear links down.
+BATCH_TIMEOUT = STATEMENT_TIMEOUT + STEP_TIMEOUT + 5.0
 
 
 class _Batch:
@@ -75,16 +83,20 @@ class ShardBatcher:
         *,
         max_batch: int = 4096,
         max_queue: int = 100_000,
-        timeout: float = 15.0,
+        timeout: float = 5.0,
+        batch_timeout: float = BATCH_TIMEOUT,
         on_batch: Callable[[int], None] = lambda size: None,
+        resolve: Callable[[], Any] | None = None,
     ) -> None:
         self._on_batch = on_batch
         self.shard = shard
         self._handle = handle
+        self._resolve = resolve
         self._catalog_version = catalog_version
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._timeout = timeout
+        self._batch_timeout = batch_timeout
         self._items: list[BatchItem] = []
         self._replies: list[Answer] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -102,15 +114,22 @@ class ShardBatcher:
         self.batches = 0
         self.requests = 0
 
-    async def start(self) -> None:
-        """Connect to the shard (waiting at most the timeout for the first link)."""
+    async def start(self, wait: float | None = None) -> None:
+        """Connect to the shard (waiting at most ``wait`` seconds, by default
+        the timeout, for the first link)."""
         self._loop = asyncio.get_running_loop()
         self._connecting = self._loop.create_task(self._connect(), name=f"link-{self.shard}")
+        wait = self._timeout if wait is None else wait
         try:
-            await asyncio.wait_for(self._linked.wait(), self._timeout)
+            await asyncio.wait_for(self._linked.wait(), wait)
         except TimeoutError:
             self._connecting.cancel()
-            raise ConnectionError(f"shard {self.shard} took no link in {self._timeout} s") from None
+            raise ConnectionError(f"shard {self.shard} took no link in {wait} s") from None
+
+    @property
+    def linked(self) -> bool:
+        """Has the batcher a link to its shard now (readiness)?"""
+        return self._link is not None
 
     async def close(self) -> None:
         """Answer everything still waiting ("shutting down") and send nothing more."""
@@ -159,13 +178,19 @@ class ShardBatcher:
         """Find the shard through Ray and link to it, retrying until it works
         (or the batcher closes)."""
         delay = 0.05
+        failures = 0
         while not self._closed:
             try:
                 link = await self._link_once()
             except Exception as exc:
                 log.warning("shard %d: no link (%r); retrying in %.2f s", self.shard, exc, delay)
+                failures += 1
+                if self._resolve is not None and failures % 3 == 0:
+                    # The actor may be gone for good (or a zombie): look it up by name.
+                    with contextlib.suppress(Exception):
+                        self._handle = self._resolve()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 1.0)
                 if self._unreachable():
                     self._fail_waiting("the shard is not reachable; retry")
                 continue
@@ -226,18 +251,28 @@ class ShardBatcher:
         link = self._link
         if link is None or link.transport is None:
             return  # the reconnection sends what waits
-        batch = _Batch(self._items[: self._max_batch], self._replies[: self._max_batch])
-        del self._items[: self._max_batch], self._replies[: self._max_batch]
+        size = min(self._max_batch, len(self._items))
         try:
-            self._on_batch(len(batch.items))
-            data = encode_batch(self._catalog_version(), batch.items)
+            while True:
+                data = encode_batch(self._catalog_version(), self._items[:size])
+                if len(data) <= MAX_FRAME or size == 1:
+                    break
+                size //= 2  # too big for one frame: send the first half first
         except Exception as exc:  # a bug: never stop the queue
-            log.error("shard %d: batch of %d not encodable: %r", self.shard, len(batch.items), exc)
+            batch = _Batch(self._items[:size], self._replies[:size])
+            del self._items[:size], self._replies[:size]
+            log.error("shard %d: batch of %d not encodable: %r", self.shard, size, exc)
             self._answer_all(batch, "internal error; retry")
             return self._send()
+        batch = _Batch(self._items[:size], self._replies[:size])
+        del self._items[:size], self._replies[:size]
+        if len(data) > MAX_FRAME:  # one request alone: never sent, never stuck
+            self._answer_all(batch, "the request is too large")
+            return self._send()
+        self._on_batch(size)
         assert self._loop is not None
         self._in_flight = batch
-        batch.timer = self._loop.call_later(self._timeout, self._time_out, batch)
+        batch.timer = self._loop.call_later(self._batch_timeout, self._time_out, batch)
         link.send(data)
 
     def _replied(self, link: GatewaySide, body: bytes) -> None:
@@ -306,8 +341,8 @@ class ShardRouter:
     def __init__(self, batchers: list[ShardBatcher]) -> None:
         self.batchers = batchers
 
-    async def start(self) -> None:
-        await asyncio.gather(*(batcher.start() for batcher in self.batchers))
+    async def start(self, wait: float | None = None) -> None:
+        await asyncio.gather(*(batcher.start(wait) for batcher in self.batchers))
 
     def submit(self, user_id: str, request: ShardRequest, reply: Answer) -> None:
         self.batchers[shard_of(user_id, len(self.batchers))].submit(user_id, request, reply)

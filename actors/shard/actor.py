@@ -21,7 +21,7 @@ from typing import Any
 import ray
 
 from actors.routing import shard_name
-from actors.saga import SagaStep
+from actors.saga import STEP_TIMEOUT, SagaStep
 from actors.shard.host import ShardHost, ShardSettings
 from actors.shard.link import Endpoint, LinkServer
 
@@ -33,6 +33,8 @@ log = logging.getLogger("loadout.shard")
 START_ATTEMPTS = 8
 START_BACKOFF = 0.25
 START_BACKOFF_MAX = 4.0
+#: The exit code of a shard that was fenced out (``ShardActor._retire``).
+RETIRED_EXIT_CODE = 3
 
 
 def tune_collector() -> None:
@@ -58,9 +60,28 @@ class ShardActor:
         _run_at_normal_priority()
         self._shard = settings.shard
         self._host = ShardHost(settings, self._call_shard)
+        self._host.on_fenced = self._retire
         self._link = LinkServer(settings.shard, self._host.apply_batch)
         self._peers: dict[int, Any] = {}
         self._started: asyncio.Task[None] | None = None
+
+    def _retire(self) -> None:
+        """A newer owner took this shard's epoch: this process can never write
+        again.  It closes its link, so that gateways stop sending here and look
+        the shard up again, and exits; if it is still the named actor, Ray
+        starts it again, and the new process takes a new epoch."""
+        log.error(
+            "shard %d was fenced out by a newer owner; closing the link and exiting", self._shard
+        )
+
+        async def leave() -> None:
+            try:
+                await asyncio.wait_for(self._link.close(), 2)
+            finally:
+                logging.shutdown()
+                os._exit(RETIRED_EXIT_CODE)
+
+        asyncio.get_running_loop().create_task(leave())
 
     async def _ready(self) -> ShardHost:
         started = self._started
@@ -108,19 +129,21 @@ class ShardActor:
         """Saga steps on the shard hosting an allowance: this one directly,
         another through Ray (found by name in this actor's namespace)."""
         if shard == self._shard:
-            return await asyncio.wait_for(self._host.apply_steps(catalog_version, steps), 10)
+            return await asyncio.wait_for(
+                self._host.apply_steps(catalog_version, steps), STEP_TIMEOUT
+            )
         peer = self._peers.get(shard)
         if peer is None:
             namespace = ray.get_runtime_context().namespace
             peer = self._peers[shard] = ray.get_actor(shard_name(shard), namespace=namespace)
         result: list[int] = await asyncio.wait_for(
-            peer.apply_steps.remote(catalog_version, steps), 10
+            peer.apply_steps.remote(catalog_version, steps), STEP_TIMEOUT
         )
         return result
 
     async def stats(self) -> dict[str, Any]:
         host = await self._ready()
-        return host.stats()
+        return {**host.stats(), "pid": os.getpid()}
 
     async def close(self) -> None:
         await self._link.close()

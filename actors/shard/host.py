@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ from actors.catalog import Catalog
 from actors.catalog_source import load_live_catalog
 from actors.events import Change, decode_change
 from actors.routing import user_channel
-from actors.saga import Hold, HoldState, Result, SagaStep, settlement
+from actors.saga import STEP_TIMEOUT, Hold, HoldState, Result, SagaStep, settlement
 from actors.shard.coordinator import SagaCoordinator, StepCaller
 from actors.shard.expiry import ExpiryScheduler
 from actors.shard.history import HistoryPage, complete_history, page_from_memory
@@ -145,6 +145,8 @@ class ShardHost:
         self._tasks: list[asyncio.Task[None]] = []
         self._encoder = msgspec.msgpack.Encoder()
         self.epoch = 0
+        #: Called once if a newer owner fences this shard out (the actor retires).
+        self.on_fenced: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ life
 
@@ -167,6 +169,7 @@ class ShardHost:
             self.residents.snapshot,
             self.residents.forget,
             interval=s.flush_interval,
+            on_fenced=lambda: self.on_fenced(),
         )
         self._journal.start()
         self.residents.attach(self._pool, self._journal)
@@ -231,7 +234,7 @@ class ShardHost:
         return await self.saga.apply_steps(catalog_version, steps)
 
     async def _call_self(self, shard: int, version: int, steps: list[SagaStep]) -> list[int]:
-        return await asyncio.wait_for(self.apply_steps(version, steps), 10)
+        return await asyncio.wait_for(self.apply_steps(version, steps), STEP_TIMEOUT)
 
     async def refresh_catalog(self, version: int) -> None:
         """Load the live catalog if the caller has seen a newer one than ours."""

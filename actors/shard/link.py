@@ -17,7 +17,12 @@ The wire is length-prefixed frames (4 bytes, big-endian), MessagePack inside:
   id (8 bytes, the same for all links of one gateway batcher);
 - gateway to shard, then: ``[catalog_version, [[user_id, request], ...]]``;
 - shard to gateway: ``[reply, ...]``, the msgpack replies of one batch, in its
-  order, once the batch is durable.
+  order, once the batch is durable;
+- either way, an empty frame: a heartbeat.  The gateway sends one every
+  ``HEARTBEAT_SECONDS``; the shard answers it at once, even while a batch
+  applies.  A link that hears nothing for ``DEAD_AFTER_SECONDS`` is dead
+  (a node gone without a reset): its batch is answered ``unavailable`` and
+  the gateway links again.
 
 A shard serves one connection's batches one after the other.  When a
 connection is lost with a batch still applying, the same sender's later
@@ -50,6 +55,8 @@ from protocol.errors import ErrorCode
 from protocol.messages import Error
 
 __all__ = [
+    "DEAD_AFTER_SECONDS",
+    "HEARTBEAT_SECONDS",
     "MAX_FRAME",
     "SENDER_SIZE",
     "Endpoint",
@@ -67,15 +74,26 @@ __all__ = [
 log = logging.getLogger("loadout.link")
 
 _HEADER = struct.Struct(">I")
-#: Largest frame either side accepts (a batch of 4,096 requests is far below).
-MAX_FRAME = 256 * 1024 * 1024
-#: A connection must send its first frame, at most this long, within this many seconds.
+#: Largest frame either side accepts; the gateway splits a batch that would
+#: be larger (``server.batching``).
+MAX_FRAME = 64 * 1024 * 1024
+#: A connection must send its first frame, at most this long, within this
+#: many seconds (a gateway sends it as soon as it connects).
 _TOKEN_FRAME = 64
-_TOKEN_SECONDS = 10.0
-#: Connections not yet past their first frame, at most (more are closed at once).
+_TOKEN_SECONDS = 2.0
+#: Connections not yet past their first frame, at most: past it, the oldest
+#: is closed, so strangers holding connections open cannot lock gateways out.
 _UNTRUSTED = 64
+#: Batches waiting on one connection, at most: a gateway has one in flight.
+_QUEUED = 4
 TOKEN_SIZE = 16
 SENDER_SIZE = 8
+#: Heartbeats (see the module docstring).
+HEARTBEAT_SECONDS = 0.5
+DEAD_AFTER_SECONDS = 1.5
+HEARTBEAT = b""
+#: The shard drops a connection it has heard nothing on for this long.
+_IDLE_SECONDS = 10.0
 
 _encoder = msgspec.msgpack.Encoder()
 _batch = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, ShardRequest]]])
@@ -149,7 +167,8 @@ class LinkServer:
         self._orphans: dict[bytes, set[asyncio.Task[None]]] = {}
         self._links: dict[bytes, _ShardSide] = {}  # per sender, its current connection
         self._connections: set[_ShardSide] = set()
-        self._untrusted = 0
+        #: Connections not yet past their token, oldest first.
+        self._untrusted: dict[_ShardSide, None] = {}
 
     async def start(self, host: str) -> Endpoint:
         """Listen (once, however many callers ask at the same time)."""
@@ -196,23 +215,38 @@ class _ShardSide(asyncio.Protocol):
         self._frames: collections.deque[bytes] = collections.deque()
         self._serving: asyncio.Task[None] | None = None
         self._token_timer: asyncio.TimerHandle | None = None
+        self._heard = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._peer = str(transport.get_extra_info("peername"))
         server = self._server
         server._connections.add(self)
-        if server._untrusted >= _UNTRUSTED:
-            return self._drop(f"over {_UNTRUSTED} connections without a token")
-        server._untrusted += 1
-        self._token_timer = asyncio.get_running_loop().call_later(
-            _TOKEN_SECONDS, self._drop, "no token in time"
-        )
+        if len(server._untrusted) >= _UNTRUSTED:
+            oldest = next(iter(server._untrusted))
+            oldest._drop(f"over {_UNTRUSTED} connections without a token; the oldest goes")
+            server._untrusted.pop(oldest, None)
+        server._untrusted[self] = None
+        loop = asyncio.get_running_loop()
+        self._token_timer = loop.call_later(_TOKEN_SECONDS, self._drop, "no token in time")
+        self._heard = loop.time()
+        self._idle_timer = loop.call_later(_IDLE_SECONDS, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """A gateway sends a heartbeat every half second: a connection silent
+        for longer than ``_IDLE_SECONDS`` lost its gateway without a reset."""
+        if self._transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._heard > _IDLE_SECONDS:
+            return self._drop(f"nothing heard for {_IDLE_SECONDS} s")
+        self._idle_timer = loop.call_later(_IDLE_SECONDS, self._check_idle)
 
     def _trust(self, sender: bytes) -> None:
         server = self._server
         self._trusted, self._sender = True, sender
-        server._untrusted -= 1
+        server._untrusted.pop(self, None)
         if self._token_timer is not None:
             self._token_timer.cancel()
         old = server._links.get(sender)
@@ -228,6 +262,7 @@ class _ShardSide(asyncio.Protocol):
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self._heard = asyncio.get_running_loop().time()
         try:
             frames = self._reader.feed(data)
         except FrameError as exc:
@@ -238,6 +273,12 @@ class _ShardSide(asyncio.Protocol):
                     return self._drop("wrong token")
                 self._trust(body[TOKEN_SIZE:])
                 continue
+            if body == HEARTBEAT:
+                if self._transport is not None:
+                    self._transport.write(frame(HEARTBEAT))  # at once, whatever applies
+                continue
+            if len(self._frames) >= _QUEUED:
+                return self._drop(f"over {_QUEUED} batches queued")
             self._frames.append(body)
         if self._frames and self._serving is None:
             self._serving = asyncio.get_running_loop().create_task(self._serve())
@@ -245,10 +286,10 @@ class _ShardSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         server = self._server
         server._connections.discard(self)
-        if self._token_timer is not None:
-            self._token_timer.cancel()
-            if not self._trusted:
-                server._untrusted -= 1
+        server._untrusted.pop(self, None)
+        for timer in (self._token_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
         self._transport = None
         self._frames.clear()
         if self._trusted:
@@ -303,7 +344,8 @@ OnLost = Callable[["GatewaySide", "Exception | None"], None]
 
 
 class GatewaySide(asyncio.Protocol):
-    """The gateway's end of one shard link: hands whole frames to its owner."""
+    """The gateway's end of one shard link: hands whole frames to its owner,
+    and keeps the link's heartbeat (the module docstring)."""
 
     def __init__(self, shard: int, on_frame: OnFrame, on_lost: OnLost) -> None:
         self._shard = shard
@@ -311,11 +353,27 @@ class GatewaySide(asyncio.Protocol):
         self._on_lost = on_lost
         self._reader = FrameReader()
         self.transport: asyncio.Transport | None = None
+        self._heard = 0.0
+        self._beat: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        loop = asyncio.get_running_loop()
+        self._heard = loop.time()
+        self._beat = loop.call_later(HEARTBEAT_SECONDS, self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._heard > DEAD_AFTER_SECONDS:
+            return self.abort(f"no heartbeat for {DEAD_AFTER_SECONDS} s")
+        transport.write(frame(HEARTBEAT))
+        self._beat = loop.call_later(HEARTBEAT_SECONDS, self._heartbeat)
 
     def data_received(self, data: bytes) -> None:
+        self._heard = asyncio.get_running_loop().time()
         try:
             frames = self._reader.feed(data)
         except FrameError as exc:
@@ -323,10 +381,13 @@ class GatewaySide(asyncio.Protocol):
         for body in frames:
             if self.transport is None or self.transport.is_closing():
                 return  # dropped on an earlier frame: trust nothing after it
-            self._on_frame(self, body)
+            if body != HEARTBEAT:
+                self._on_frame(self, body)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._beat is not None:
+            self._beat.cancel()
         self._on_lost(self, exc)
 
     def send(self, data: bytes) -> None:

@@ -34,8 +34,9 @@ def _listening(pid: int) -> list[tuple[str, int, str]]:
 
 
 def _child(pid: int, word: str) -> psutil.Process:
-    """The process of the tree whose command line starts with a program named ``word``."""
-    for p in _tree(pid):
+    """The server's own child (the postmaster, not a backend) whose command
+    starts with a program named ``word``."""
+    for p in psutil.Process(pid).children():
         cmd = p.cmdline()
         if cmd and word in Path(cmd[0]).name and p.status() != psutil.STATUS_ZOMBIE:
             return p

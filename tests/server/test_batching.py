@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from actors.shard.link import Endpoint, GatewaySide, LinkServer
+from actors.shard.link import DEAD_AFTER_SECONDS, Endpoint, GatewaySide, LinkServer, _ShardSide
 from protocol.messages import State
 from server.batching import ShardBatcher
 from tests.actors.test_link import Host
@@ -66,7 +66,7 @@ async def linked() -> AsyncIterator[tuple[ShardBatcher, Host]]:
     async def endpoint() -> Endpoint:
         return await server.start("127.0.0.1")
 
-    batcher = ShardBatcher(0, FakeHandle(endpoint), lambda: 5, timeout=0.5)
+    batcher = ShardBatcher(0, FakeHandle(endpoint), lambda: 5, timeout=0.5, batch_timeout=0.5)
     await batcher.start()
     try:
         yield batcher, host
@@ -183,3 +183,87 @@ async def test_a_link_that_closes_as_it_opens_is_retried(monkeypatch: pytest.Mon
         resetting.close()
         await batcher.close()
         await server.close()
+
+
+async def test_a_slow_batch_keeps_its_link_alive_with_heartbeats(
+    linked: tuple[ShardBatcher, Host],
+) -> None:
+    batcher, host = linked
+    batcher._batch_timeout = 3600.0
+    replies = Replies()
+    host.hold.clear()
+    batcher.submit("u", State(rid=1), replies)
+    await asyncio.sleep(3 * DEAD_AFTER_SECONDS)  # far past the heartbeat's patience
+    assert replies.got == [] and batcher.linked
+    host.hold.set()
+    await replies.count(1)
+    assert replies.got == [{"rid": 1, "v": 5}]
+
+
+async def test_a_shard_that_falls_silent_is_given_up_by_its_heartbeat(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node that dies sends no reset: only the heartbeat notices, and the
+    batch in flight is answered long before its own (large) timeout."""
+    host = Host()
+    server = LinkServer(0, host.apply_batch)
+
+    async def endpoint() -> Endpoint:
+        return await server.start("127.0.0.1")
+
+    batcher = ShardBatcher(0, FakeHandle(endpoint), lambda: 5, timeout=5.0, batch_timeout=3600.0)
+    await batcher.start()
+    try:
+        host.hold.clear()
+        silent = _ShardSide.data_received
+        monkeypatch.setattr(_ShardSide, "data_received", lambda self, data: None)
+        replies = Replies()
+        batcher.submit("u", State(rid=1), replies)
+        await replies.count(1)
+        assert replies.got[0]["code"] == "unavailable"
+        assert "no heartbeat" in caplog.text
+        monkeypatch.setattr(_ShardSide, "data_received", silent)
+        host.hold.set()
+        await asyncio.wait_for(batcher._linked.wait(), 10)  # and it links again
+    finally:
+        await batcher.close()
+        await server.close()
+
+
+async def test_strangers_holding_connections_open_do_not_lock_a_gateway_out(
+    linked: tuple[ShardBatcher, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import actors.shard.link as link
+
+    monkeypatch.setattr(link, "_TOKEN_SECONDS", 3600.0)  # strangers never time out here
+    batcher, _ = linked
+    assert batcher._link is not None
+    endpoint = await batcher._handle.endpoint.remote()
+    strangers = []
+    for _ in range(70):  # more than the shard keeps waiting for a token
+        _, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        strangers.append(writer)
+    batcher._link.abort("a test drops the link")  # the gateway must link again now
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(batcher._linked.wait(), 5)
+    replies = Replies()
+    batcher.submit("u", State(rid=1), replies)
+    await replies.count(1)
+    assert replies.got == [{"rid": 1, "v": 5}]
+    for writer in strangers:
+        writer.close()
+
+
+async def test_a_batch_too_large_for_one_frame_goes_in_parts(
+    linked: tuple[ShardBatcher, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.batching as batching
+
+    batcher, host = linked
+    monkeypatch.setattr(batching, "MAX_FRAME", 200)
+    replies = Replies()
+    for rid in range(20):
+        batcher.submit("u", State(rid=rid), replies)
+    await replies.count(20)
+    assert [r["rid"] for r in replies.got] == list(range(20))
+    assert len(host.finished) > 1 and sum(len(b) for b in host.finished) == 20
