@@ -73,6 +73,7 @@ class BenchServer:
             LOADOUT_DATA_DIR=str(self.data_dir),
             LOADOUT_HOST="127.0.0.1",
             LOADOUT_PORT=str(self.port),
+            LOADOUT_HTTP_PORT=str(_free_port()),
             LOADOUT_SECRET=self.secret,
             LOADOUT_RATE_PER_SECOND="1000000000",
             LOADOUT_RATE_BURST="1000000000",

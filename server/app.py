@@ -35,9 +35,11 @@ from persistence.schema import migrate
 from server.batching import Backend, ShardBatcher, ShardRouter
 from server.config import Settings
 from server.gateway import Gateway
+from server.http import HttpServer
 from server.metrics import Metrics
 from server.pushes import PushFanout
 from server.ratelimit import RateLimiter
+from server.readiness import Readiness
 from server.supervision import Supervisor, lock_data_dir
 
 __all__ = ["BackendFactory", "CatalogHolder", "Services", "read_services", "run_server"]
@@ -320,10 +322,18 @@ async def serve_async(
         await fanout.start()
         gateway.on_connection = fanout.watch
         gateway.on_disconnect = fanout.unwatch
+        readiness = Readiness(pool, redis, getattr(backend, "batchers", []), metrics)
+        await readiness.start()
+        gateway.readiness = readiness.body
+        http = HttpServer(
+            settings.host, settings.http_port, metrics=metrics.render, readiness=readiness.body
+        )
+        await http.start()
         await gateway.start(settings.host, settings.port)
         from actors.shard.actor import tune_collector
 
         tune_collector()
+        log.info("operators' HTTP on http://%s:%d (/metrics, /readyz)", settings.host, http.port)
         log.info(
             "serving ws://%s:%d/v1/ws (%s, %d shards, catalog v%d)",
             settings.host, gateway.port, type(backend).__name__, len(handles),
@@ -340,6 +350,8 @@ async def serve_async(
         sweeper.cancel()
         await backend.close()
         await fanout.close()
+        await http.close()
+        await readiness.close()
         if services.ray_local:
             for handle in handles:
                 with contextlib.suppress(Exception):

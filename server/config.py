@@ -44,6 +44,8 @@ def _number(env: Mapping[str, str], name: str, default: _N, low: _N, high: _N) -
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8765
+    #: Operators' HTTP port: /metrics, /healthz, /readyz (PROTOCOL.md §12-13).
+    http_port: int = 8780
     data_dir: Path = Path(".loadout")
     database_url: str | None = None
     redis_url: str | None = None
@@ -69,6 +71,7 @@ class Settings:
         return cls(
             host=env.get("LOADOUT_HOST") or "127.0.0.1",
             port=_number(env, "LOADOUT_PORT", 8765, 0, 65535),
+            http_port=_number(env, "LOADOUT_HTTP_PORT", 8780, 0, 65535),
             data_dir=data_dir,
             database_url=env.get("LOADOUT_DATABASE_URL") or None,
             redis_url=env.get("LOADOUT_REDIS_URL") or None,

@@ -19,7 +19,8 @@ object, not a pair of tasks:
 
 The handshake checks the path, the token (HTTP 401 without a good one) and
 the connection limit (503), and picks the subprotocol; ``/healthz`` and
-``/metrics`` are answered as plain HTTP on the same port.
+``/readyz`` are answered as plain HTTP on the same port.  ``/metrics`` is
+not: it lives on the operators' HTTP port (server/http.py).
 """
 
 from __future__ import annotations
@@ -348,6 +349,8 @@ class Gateway:
         self.clients: dict[str, set[Client]] = {}
         self.on_connection: Callable[[str], Awaitable[None]] | None = None
         self.on_disconnect: Callable[[str], None] = lambda user: None
+        #: ``/readyz``: ready or not, and the JSON body (server/readiness.py).
+        self.readiness: Callable[[], tuple[bool, bytes]] = lambda: (True, b"{}\n")
         self._server: asyncio.Server | None = None
         self._all: set[Client] = set()
         self._unflushed: list[Client] = []
@@ -404,10 +407,13 @@ class Gateway:
         url = urlsplit(request.path.decode("latin-1"))
         if url.path == "/healthz":
             return _plain(WSUpgradeResponse.create_ok_response(b"ok\n"))
-        if url.path == "/metrics":
-            body = self.metrics.render()
-            content_type = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-            return _plain(WSUpgradeResponse.create_ok_response(body, content_type))
+        if url.path == "/readyz":
+            ready, body = self.readiness()
+            content_type = {"Content-Type": "application/json"}
+            if ready:
+                return _plain(WSUpgradeResponse.create_ok_response(body, content_type))
+            status = HTTPStatus.SERVICE_UNAVAILABLE
+            return _plain(WSUpgradeResponse.create_error_response(status, body, content_type))
         if url.path != "/v1/ws":
             return _error(HTTPStatus.NOT_FOUND, "not found")
         if self.draining:

@@ -64,12 +64,19 @@ class HttpServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(), name="http")
+        self._task = asyncio.create_task(self._serve(), name="http")
         while not self._server.started:
             if self._task.done():
                 self._task.result()  # raises what stopped it (e.g. the port is taken)
                 raise RuntimeError("the HTTP server stopped as it started")
             await asyncio.sleep(0.01)
+
+    async def _serve(self) -> None:
+        try:
+            await self._server.serve()
+        except SystemExit:  # uvicorn's answer to a port it cannot bind
+            config = self._server.config
+            raise OSError(f"cannot listen on {config.host}:{config.port} (HTTP)") from None
 
     @property
     def port(self) -> int:

@@ -56,6 +56,7 @@ class ServerProcess:
         self.extra_env = dict(env or {})
         self.shards = shards
         self.port = 0
+        self.http_port = 0
         self.namespace = ""
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "server.log"
@@ -70,6 +71,7 @@ class ServerProcess:
         env.update(
             LOADOUT_DATA_DIR=str(self.data_dir),
             LOADOUT_PORT=str(self.port),
+            LOADOUT_HTTP_PORT=str(self.http_port),
             LOADOUT_SECRET=SECRET,
             LOADOUT_SHARDS=str(self.shards),
             LOADOUT_RAY_NAMESPACE=self.namespace,
@@ -86,6 +88,7 @@ class ServerProcess:
         unless ``namespace`` names another server's, to share its shards."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.http_port = free_port()
         self.namespace = namespace or "t-" + uuid.uuid4().hex[:12]
         if namespace is None:
             self.namespaces.append(self.namespace)

@@ -23,10 +23,13 @@ from tests.e2e.support import Client, ServerProcess, free_port, new_user
 LOADOUT = Path(sys.executable).parent / "loadout"
 
 
-def _start(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def _start(
+    data_dir: Path, port: int, log: Path, http_port: int | None = None
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LOADOUT_", "RAY_ADDRESS", "PYTHONPATH"))}  # fmt: skip
     env.update(LOADOUT_DATA_DIR=str(data_dir), LOADOUT_PORT=str(port),
+               LOADOUT_HTTP_PORT=str(http_port or free_port()),
                LOADOUT_STARTING_BALANCE="100", RAY_USAGE_STATS_ENABLED="0")  # fmt: skip
     with open(log, "ab") as out:
         process = subprocess.Popen(

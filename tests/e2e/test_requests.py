@@ -171,7 +171,7 @@ async def test_metrics(server: ServerProcess, binary: bool) -> None:
         await c.request({"type": "purchase", "key": "k", "sku": "plat.booster.xp", "price": 5})
         await c.send_raw(c.encode([1]))
         await c.recv()
-        text = await asyncio.to_thread(_get, f"http://127.0.0.1:{server.port}/metrics")
+        text = await asyncio.to_thread(_get, f"http://127.0.0.1:{server.http_port}/metrics")
     assert 'loadout_requests_total{outcome="ok",type="state"}' in text
     assert 'loadout_requests_total{outcome="insufficient_funds",type="purchase"}' in text
     assert 'loadout_requests_total{outcome="bad_request",type="invalid"}' in text

@@ -71,8 +71,9 @@ async def test_the_embedded_server_listens_on_loopback_and_heals_its_services(
     tmp_path: Path,
 ) -> None:
     data_dir, port, log = tmp_path / "d", free_port(), tmp_path / "serve.log"
+    http_port = free_port()
     data_dir.mkdir()
-    process = _start(data_dir, port, log)
+    process = _start(data_dir, port, log, http_port)
     started: list[psutil.Process] = []
     try:
         started = _tree(process.pid)
@@ -85,7 +86,11 @@ async def test_the_embedded_server_listens_on_loopback_and_heals_its_services(
 
         # A second server on the same data directory refuses, naming the first.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADOUT_", "RAY_"))}
-        env.update(LOADOUT_DATA_DIR=str(data_dir), LOADOUT_PORT=str(free_port()))
+        env.update(
+            LOADOUT_DATA_DIR=str(data_dir),
+            LOADOUT_PORT=str(free_port()),
+            LOADOUT_HTTP_PORT=str(free_port()),
+        )
         second = await asyncio.to_thread(
             subprocess.run,
             [str(LOADOUT), "serve"],
@@ -119,7 +124,7 @@ async def test_the_embedded_server_listens_on_loopback_and_heals_its_services(
                 return bool(push["balance"] == reply["balance"])
 
         await _until("pushes after Redis came back", 10, pushed)
-        assert _metric(port, "loadout_dependency_restarts_total", 'dependency="redis"') == 1
+        assert _metric(http_port, "loadout_dependency_restarts_total", 'dependency="redis"') == 1
 
         # PostgreSQL killed: changes are refused meanwhile, then made again.
         _child(process.pid, "postgres").kill()
@@ -134,7 +139,9 @@ async def test_the_embedded_server_listens_on_loopback_and_heals_its_services(
             await _until("a change after PostgreSQL came back", 15, granted)
             again = await c.request({"type": "consume", "key": "pg-heal", "sku": "plat.booster.xp"})
             assert again["type"] == "consumed"  # the same key: the original outcome
-        assert _metric(port, "loadout_dependency_restarts_total", 'dependency="postgresql"') == 1
+        assert (
+            _metric(http_port, "loadout_dependency_restarts_total", 'dependency="postgresql"') == 1
+        )
         started = _tree(process.pid)
 
         process.send_signal(signal.SIGTERM)
