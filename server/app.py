@@ -378,7 +378,9 @@ def run_server(
     import uvloop
 
     settings = settings.with_secret()
-    lock = lock_data_dir(settings.data_dir)  # before anything is started or cleaned up
+    # A server that starts services of its own owns its data directory: taken
+    # before anything is started or cleaned up there.
+    lock = lock_data_dir(settings.data_dir) if settings.embedded else None
     services = start_services(settings)
     metrics = Metrics()
     supervisor = Supervisor(
@@ -405,7 +407,8 @@ def run_server(
         if ray.is_initialized():
             ray.shutdown()
         services.stop()
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
         log.info("stopped")
 
 
