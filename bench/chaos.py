@@ -55,6 +55,8 @@ PRICE = 5
 FUNDS = 1_000_000
 #: A request not answered in this long is sent again (same key).
 REPLY_SECONDS = 30.0
+#: A fault after which some client is not served again in this long fails the run.
+RECOVERY_LIMIT = 120.0
 
 
 def _free_port() -> int:
@@ -340,11 +342,16 @@ async def run_chaos(
             for name, fault in FAULTS:
                 log(f"round {round_ + 1}: {name}")
                 began = time.monotonic()
-                await fault(server)
-                while any(not times or times[-1] <= began for times in acks):
+                await fault(server)  # a kill; or a stop, or a crash, and a new start
+                done = time.monotonic()
+                while any(not times or times[-1] <= done for times in acks):
                     acked.clear()
-                    await acked.wait()
-                back = max(min(t for t in times if t > began) for times in acks)
+                    try:
+                        await asyncio.wait_for(acked.wait(), RECOVERY_LIMIT)
+                    except TimeoutError:
+                        why = f"no recovery from {name} in {RECOVERY_LIMIT} s"
+                        raise RuntimeError(why) from None
+                back = max(min(t for t in times if t > done) for times in acks)
                 report.recovery.setdefault(name, []).append(round(back - began, 2))
                 await asyncio.sleep(spacing)
         stop.set()

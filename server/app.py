@@ -282,6 +282,7 @@ async def serve_async(
                     namespace=settings.ray_namespace,
                     detached=not services.ray_local,
                     log_level=logging.getLevelName(settings.log_level),
+                    services_file=str(_services_file(settings.data_dir).resolve()),
                 )
 
             handles = handles_of(shard_settings)

@@ -13,7 +13,10 @@ backoff, and the next call tries again if every attempt failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import gc
+import json
 import logging
 import os
 from typing import Any
@@ -52,12 +55,39 @@ def tune_collector() -> None:
     gc.set_threshold(20_000, 20, 50)
 
 
+def connections(settings: ShardSettings, services_file: str | None) -> ShardSettings:
+    """Fill in the database and Redis URLs, which never travel in the actor's
+    arguments (Ray keeps those in its control store, where passwords do not
+    belong): from ``LOADOUT_DATABASE_URL`` and ``LOADOUT_REDIS_URL`` on this
+    Ray node, else from the services file of a server on this machine (mode
+    0600, ``<data dir>/run/services.json``).  Settings made in this process
+    (tests) may carry them already."""
+    database_url = settings.database_url or os.environ.get("LOADOUT_DATABASE_URL", "")
+    redis_url = settings.redis_url or os.environ.get("LOADOUT_REDIS_URL", "")
+    if (not database_url or not redis_url) and services_file:
+        with contextlib.suppress(OSError, ValueError):
+            with open(services_file) as f:
+                found = json.load(f)
+            database_url = database_url or str(found.get("database_url", ""))
+            redis_url = redis_url or str(found.get("redis_url", ""))
+    if not database_url or not redis_url:
+        missing = "LOADOUT_DATABASE_URL" if not database_url else "LOADOUT_REDIS_URL"
+        raise RuntimeError(f"shard {settings.shard}: {missing} is not set on this Ray node")
+    return dataclasses.replace(settings, database_url=database_url, redis_url=redis_url)
+
+
 class ShardActor:
-    def __init__(self, settings: ShardSettings, log_level: int = logging.INFO) -> None:
+    def __init__(
+        self,
+        settings: ShardSettings,
+        log_level: int = logging.INFO,
+        services_file: str | None = None,
+    ) -> None:
         logging.basicConfig(
             level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         _run_at_normal_priority()
+        settings = connections(settings, services_file)
         self._shard = settings.shard
         self._host = ShardHost(settings, self._call_shard)
         self._host.on_fenced = self._retire
@@ -178,12 +208,15 @@ def shard_handles(
     namespace: str | None,
     detached: bool,
     log_level: int = logging.INFO,
+    services_file: str | None = None,
 ) -> list[Any]:
     """Get or create the named shard actors (``num_cpus=0``: they mostly wait
-    on I/O, and a 2-core machine can still host several)."""
+    on I/O, and a 2-core machine can still host several).  The settings'
+    URLs are left out of the actors' arguments (``connections``)."""
     remote = ray.remote(ShardActor)
     handles = []
     for s in settings:
+        s = dataclasses.replace(s, database_url="", redis_url="")
         options: dict[str, Any] = {
             "name": shard_name(s.shard),
             "get_if_exists": True,
@@ -196,5 +229,5 @@ def shard_handles(
             options["namespace"] = namespace
         if detached:
             options["lifetime"] = "detached"
-        handles.append(remote.options(**options).remote(s, log_level))
+        handles.append(remote.options(**options).remote(s, log_level, services_file))
     return handles

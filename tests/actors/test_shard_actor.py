@@ -64,3 +64,38 @@ async def test_when_every_attempt_fails_the_next_call_starts_again(
         assert stats["epoch"] >= 1
     finally:
         await shard.close()
+
+
+def test_shard_actors_get_no_connection_urls_in_their_arguments(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Ray keeps an actor's arguments in its control store: the database and
+    Redis URLs (passwords included) must not be among them; the actor reads
+    them on its node (``connections``)."""
+    import pickle
+
+    captured: list[bytes] = []
+
+    class Remote:
+        def options(self, **options: Any) -> Remote:
+            return self
+
+        def remote(self, *args: Any) -> None:
+            captured.append(pickle.dumps(args))
+
+    monkeypatch.setattr(actormod.ray, "remote", lambda cls: Remote())
+    secret_db, secret_redis = "postgresql://u:db-s3cret@h/d", "redis://:redis-s3cret@h:1"
+    settings = ShardSettings(shard=0, database_url=secret_db, redis_url=secret_redis)
+    services = tmp_path / "services.json"
+    services.write_text(f'{{"database_url": "{secret_db}", "redis_url": "{secret_redis}"}}')
+    actormod.shard_handles([settings], namespace="n", detached=True, services_file=str(services))
+    assert captured and all(b"s3cret" not in args for args in captured)
+    # The actor finds them again on its node: the environment, else the file.
+    args = pickle.loads(captured[0])
+    found = actormod.connections(args[0], args[2])
+    assert (found.database_url, found.redis_url) == (secret_db, secret_redis)
+    monkeypatch.setenv("LOADOUT_DATABASE_URL", "postgresql://from-env")
+    assert actormod.connections(args[0], args[2]).database_url == "postgresql://from-env"
+    monkeypatch.delenv("LOADOUT_DATABASE_URL")
+    with pytest.raises(RuntimeError, match="LOADOUT_DATABASE_URL is not set"):
+        actormod.connections(args[0], None)
