@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,7 @@ class _Client:
         self,
         server: ChaosServer,
         log: UserLog,
-        seen: Callable[[], None] = lambda: None,
+        seen: Callable[[float], None] = lambda sent: None,
         role: Role = Role.PLAYER,
     ) -> None:
         self._server = server
@@ -251,13 +252,14 @@ class _Client:
                 request = {"type": "consume", "key": key, "sku": BOOSTER, "quantity": 1}
             else:
                 request = {"type": "purchase", "key": key, "sku": BOOSTER, "price": PRICE}
+            sent = time.monotonic()
             reply = await self.settle(request)
             if reply["type"] == "error":
                 self._log.refused[key] = reply["code"]
                 continue
             self._log.acked[key] = {**request, "reply": reply}
             self._log.held += 1 if request["type"] == "purchase" else -1
-            self._seen()
+            self._seen(sent)
 
     async def close(self) -> None:
         if self._ws is not None:
@@ -322,14 +324,14 @@ async def run_chaos(
             [{"type": "grant", "user": u.user, "amount": FUNDS, "key": "fund"} for u in logs],
         )
         assert all(r["type"] == "granted" for r in funded), funded
-        # When each client had a change acknowledged (recovery: every client
-        # served again after a fault).
-        acks: list[list[float]] = [[] for _ in logs]
+        # Per client, when each change it had acknowledged was first sent
+        # (recovery: every client served again on a request sent after a fault).
+        acks: list[deque[tuple[float, float]]] = [deque(maxlen=10_000) for _ in logs]
         acked = asyncio.Event()
 
-        def seen_by(i: int) -> Callable[[], None]:
-            def seen() -> None:
-                acks[i].append(time.monotonic())
+        def seen_by(i: int) -> Callable[[float], None]:
+            def seen(sent: float) -> None:
+                acks[i].append((sent, time.monotonic()))
                 acked.set()
 
             return seen
@@ -344,14 +346,14 @@ async def run_chaos(
                 began = time.monotonic()
                 await fault(server)  # a kill; or a stop, or a crash, and a new start
                 done = time.monotonic()
-                while any(not times or times[-1] <= done for times in acks):
+                while any(not times or times[-1][0] <= done for times in acks):
                     acked.clear()
                     try:
                         await asyncio.wait_for(acked.wait(), RECOVERY_LIMIT)
                     except TimeoutError:
                         why = f"no recovery from {name} in {RECOVERY_LIMIT} s"
                         raise RuntimeError(why) from None
-                back = max(min(t for t in times if t > done) for times in acks)
+                back = max(min(at for sent, at in times if sent > done) for times in acks)
                 report.recovery.setdefault(name, []).append(round(back - began, 2))
                 await asyncio.sleep(spacing)
         stop.set()
