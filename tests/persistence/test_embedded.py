@@ -224,3 +224,27 @@ def test_servers_die_with_a_parent_killed_by_sigkill(tmp_path: Path) -> None:
             parent.stdout.close()
         for pid in pids:
             kill_if_running(pid)
+
+
+def test_postgres_starts_over_a_zombie_postmaster(
+    postgres: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """Regression (issue resilience): after a kill -9 of the whole server the
+    old postmaster may linger as a zombie, which PostgreSQL takes for a live
+    postmaster ("lock file postmaster.pid already exists"); the first start
+    after the crash must work."""
+    dsn = postgres.start()
+    asyncio.run(query(dsn, "CREATE TABLE kept (id int)", "INSERT INTO kept VALUES (1)", "SELECT 1"))
+    postgres.stop()
+    pidfile = tmp_path / "data" / "postgres" / "postmaster.pid"
+    owner = os.stat(pidfile.parent)  # the zombie is PostgreSQL's user's, as the old postmaster was
+    zombie = subprocess.Popen(["/bin/sh", "-c", "exit 0"], user=owner.st_uid, group=owner.st_gid)
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        time.sleep(0.01)  # exited, not reaped: a zombie of ours
+    try:
+        pidfile.write_text(f"{zombie.pid}\n{tmp_path / 'data' / 'postgres'}\n")
+        os.chown(pidfile, owner.st_uid, owner.st_gid)
+        dsn = postgres.start()
+        assert [tuple(r) for r in asyncio.run(query(dsn, "SELECT id FROM kept"))] == [(1,)]
+    finally:
+        zombie.wait()
