@@ -25,6 +25,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NamedTuple
 
+import msgspec
 from msgspec import Struct
 
 from actors.allowance import allowance_id
@@ -43,6 +44,7 @@ __all__ = [
     "Result",
     "SagaStep",
     "Step",
+    "journaled_step",
     "left_behind",
     "needs_reservation",
     "reservation_id",
@@ -85,6 +87,24 @@ class SagaStep(Struct, array_like=True, frozen=True):
             step, self.allowance, self.reservation, self.quantity, self.deadline,
             self.user, self.key,
         )  # fmt: skip
+
+
+_step_decoder = msgspec.msgpack.Decoder(SagaStep)
+_untyped_step_decoder = msgspec.msgpack.Decoder(tuple[Step, str, int, int, str, str])
+
+
+def journaled_step(allowance: str, data: bytes) -> SagaStep:
+    """A step as its allowance's journal keeps it (``change``, in msgpack).
+
+    Records written before steps were typed (issue 9) hold the array
+    ``(step, reservation, quantity, deadline, user, key)``, without the
+    allowance, whose journal it is.  Raises ``msgspec.DecodeError`` (or
+    ``ValidationError``) for data that is neither."""
+    try:
+        return _step_decoder.decode(data)
+    except msgspec.ValidationError:
+        step, res, quantity, deadline, user, key = _untyped_step_decoder.decode(data)
+        return SagaStep(step, allowance, res, quantity, deadline, user, key)
 
 
 class HoldState(StrEnum):

@@ -273,6 +273,11 @@ class EmbeddedPostgres(_Child):
         self._pgdata = self._data_dir / "postgres"
         super().__init__(self._data_dir / "postgres.log")
 
+    @staticmethod
+    def exists(data_dir: Path) -> bool:
+        """Has ``data_dir`` a cluster (which ``start`` would otherwise create)?"""
+        return (data_dir / "postgres" / "PG_VERSION").exists()
+
     def start(self, timeout: float = 30.0) -> str:
         """Start the server, creating cluster and database if missing; return an asyncpg DSN."""
         self._refuse_second_start()

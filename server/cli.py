@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from actors.catalog import Catalog
     from protocol.messages import CatalogItem
+    from server.verify import Report
 
 __all__ = ["COMMANDS_GROUP", "main"]
 
@@ -62,14 +63,21 @@ def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+class _NoDatabase(Exception):
+    """The data directory has no database (and the caller may not create one)."""
+
+
 @contextlib.asynccontextmanager
-async def _catalog_database(settings: Settings) -> AsyncIterator[tuple[asyncpg.Pool, str | None]]:
-    """A one-connection pool on the catalog's database, and the Redis URL of a
+async def _database(
+    settings: Settings, *, read_only: bool = False
+) -> AsyncIterator[tuple[asyncpg.Pool, str | None]]:
+    """A one-connection pool on Loadout's database, and the Redis URL of a
     server to notify (None when there is none to notify).
 
     The database is ``LOADOUT_DATABASE_URL``, else the running server's (its
     services file), else the data directory's embedded PostgreSQL, started
-    for as long as the caller needs it."""
+    for as long as the caller needs it.  It is migrated, unless ``read_only``:
+    then neither its schema nor a new cluster is made (``_NoDatabase``)."""
     import asyncpg
 
     from persistence.embedded import EmbeddedPostgres
@@ -82,16 +90,21 @@ async def _catalog_database(settings: Settings) -> AsyncIterator[tuple[asyncpg.P
     started: EmbeddedPostgres | None = None
     pool = None
     try:
-        try:
-            pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1, timeout=5)
-        except (OSError, asyncpg.PostgresError):
-            if settings.database_url:
-                raise
+        if database_url:  # (with None, asyncpg would try libpq's default server)
+            try:
+                pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1, timeout=5)
+            except (OSError, asyncpg.PostgresError):
+                if settings.database_url:
+                    raise
+        if pool is None:
             # No server running on this data directory: use its database directly.
+            if read_only and not EmbeddedPostgres.exists(settings.data_dir):
+                raise _NoDatabase(f"no database in {settings.data_dir}") from None
             started = EmbeddedPostgres(settings.data_dir)
             pool = await asyncpg.create_pool(started.start(), min_size=1, max_size=1)
             redis_url = None
-        await migrate(pool)
+        if not read_only:
+            await migrate(pool)
         yield pool, redis_url
     finally:
         if pool is not None:
@@ -106,7 +119,7 @@ async def _publish(settings: Settings, text: str, source: str) -> int:
     from actors.catalog_source import publish_catalog_text
     from actors.routing import catalog_channel
 
-    async with _catalog_database(settings) as (pool, redis_url):
+    async with _database(settings) as (pool, redis_url):
         version = await publish_catalog_text(pool, text, source)
         assert version is not None
     print(f"published catalog version {version}")
@@ -140,7 +153,7 @@ def _cmd_catalog_load(settings: Settings, args: argparse.Namespace) -> int:
 async def _live_catalog(settings: Settings) -> Catalog:
     from actors.catalog_source import load_live_catalog
 
-    async with _catalog_database(settings) as (pool, _):
+    async with _database(settings) as (pool, _):
         return await load_live_catalog(pool)
 
 
@@ -255,6 +268,91 @@ def _cmd_grant(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(_grant(settings, args))
 
 
+_VERIFY_HELP = """\
+Check the database against itself, offline, and report every violation:
+  - a user's balance is the sum of its ledger amounts, and not negative;
+  - each entity's journal versions run 1..N with no gap, its state row is at N,
+    and replaying the journal gives the row's balance and state;
+  - an idempotency key is used at most once per user; every ledger row is the
+    ledger entry of the journal change of its seq;
+  - per reservation of a limited item or promo code: reserved = confirmed +
+    released or abandoned + still held, each ended once; used = sum confirmed;
+    none recorded as sold was released.
+
+Reads the tables users, journal, ledger and reservation_outcomes, in one
+read-only snapshot, of LOADOUT_DATABASE_URL; else of the server running on
+LOADOUT_DATA_DIR; else of the embedded PostgreSQL in LOADOUT_DATA_DIR, started
+for the check and stopped after. Changes no data, and makes no data directory
+or database.
+
+Exit status: 0 all checks pass, 1 violations found, 2 nothing could be checked.
+"""
+
+
+async def _run_verify(settings: Settings, as_json: bool) -> int:
+    import asyncpg
+    import msgspec
+
+    from persistence.embedded import EmbeddedError
+    from server.verify import verify
+
+    if settings.database_url is None and not settings.data_dir.is_dir():
+        print(f"loadout verify: no data directory {settings.data_dir}", file=sys.stderr)
+        return 2
+    try:
+        async with _database(settings, read_only=True) as (pool, _), pool.acquire() as con:
+            report = await verify(con)
+    except _NoDatabase as exc:
+        print(f"loadout verify: {exc}", file=sys.stderr)
+        return 2
+    except asyncpg.UndefinedTableError as exc:
+        print(
+            f"loadout verify: not a Loadout database, or not migrated yet: {exc}", file=sys.stderr
+        )
+        return 2
+    except (OSError, asyncpg.PostgresError, EmbeddedError) as exc:
+        print(f"loadout verify: cannot read the database: {exc}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        _print_verify_report(report)
+    return 0 if report.ok else 1
+
+
+def _cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(_run_verify(settings, args.json))
+
+
+#: Violations the table shows; ``--json`` lists them all.
+_SHOWN_VIOLATIONS = 100
+
+
+def _print_verify_report(report: Report) -> None:
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 250, highlight=False)
+    checked = f"{report.users} users and {report.allowances} allowances"
+    if report.ok:
+        console.print(f"[green]verified {checked}: all checks pass[/green]")
+        return
+    by_check = Counter(v.check.value for v in report.violations)
+    counts = ", ".join(f"{check} {n}" for check, n in sorted(by_check.items()))
+    console.print(f"[red]verified {checked}: {len(report.violations)} violations[/red] ({counts})")
+    table = Table()
+    for column in ("entity", "check", "detail"):
+        table.add_column(column, no_wrap=column != "detail")
+    for violation in report.violations[:_SHOWN_VIOLATIONS]:
+        table.add_row(violation.entity, violation.check.value, violation.detail)
+    console.print(table)
+    if len(report.violations) > _SHOWN_VIOLATIONS:
+        more = len(report.violations) - _SHOWN_VIOLATIONS
+        console.print(f"... and {more} more (--json lists every violation)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loadout", description="Loadout: a real-time game-commerce server."
@@ -283,6 +381,19 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--reason", default="", help="recorded with the grant")
     grant.add_argument("--url", help="server URL (default from LOADOUT_HOST/LOADOUT_PORT)")
     grant.set_defaults(run=_cmd_grant)
+    verify = commands.add_parser(
+        "verify",
+        help="check the database against itself (offline)",
+        description=_VERIFY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify.add_argument(
+        "--json",
+        action="store_true",
+        help='the report as {"ok", "users", "allowances", "violations": [{"entity", "check",'
+        ' "detail"}]}',
+    )
+    verify.set_defaults(run=_cmd_verify)
     for entry in entry_points(group=COMMANDS_GROUP):
         try:
             register = entry.load()

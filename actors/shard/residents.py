@@ -34,7 +34,13 @@ from actors.user import KeyRecord, UserState, new_user, next_expiry
 from persistence import store
 from persistence.journal import Journal, JournalRecord, UserRow
 
-__all__ = ["HostedAllowance", "Residents", "allowance_decoder", "allowance_encoder"]
+__all__ = [
+    "HostedAllowance",
+    "Residents",
+    "allowance_decoder",
+    "allowance_encoder",
+    "is_allowance",
+]
 
 log = logging.getLogger("loadout.shard")
 
