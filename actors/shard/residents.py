@@ -88,10 +88,15 @@ class Residents:
         self._holds.update(users)
 
     def release(self, users: Iterable[str]) -> None:
+        """The batch holding these users has applied: a user no batch holds
+        any more may let its oldest durable key records go."""
         self._holds.subtract(users)
         for user in users:
             if self._holds[user] <= 0:
                 del self._holds[user]
+                state = self.users.get(user)
+                if state is not None:
+                    state.trim_keys()
 
     def held(self, user: str) -> bool:
         return user in self._holds
