@@ -1,6 +1,7 @@
 """A server of the bench's own: a child process on a free port and a
 temporary data directory, fully embedded (its own PostgreSQL, Redis and, for
-the actor core, Ray), rate limits raised so that the load is not throttled,
+the actor core, Ray), rate limits and the connections allowed per address
+raised so that the load is not throttled,
 stopped by pid with SIGTERM (then SIGKILL) and removed after.
 
 The actor core is ``loadout serve`` itself; the lock baseline is the bench's
@@ -77,6 +78,8 @@ class BenchServer:
             LOADOUT_SECRET=self.secret,
             LOADOUT_RATE_PER_SECOND="1000000000",
             LOADOUT_RATE_BURST="1000000000",
+            # Every load-generator connection comes from this machine's address.
+            LOADOUT_MAX_CONNECTIONS_PER_IP="1000000",
             LOADOUT_LOG_LEVEL="WARNING",
             RAY_USAGE_STATS_ENABLED="0",
         )

@@ -32,9 +32,10 @@ from actors.shard.host import ShardSettings
 from persistence import store
 from persistence.embedded import EmbeddedPostgres, EmbeddedRedis
 from persistence.schema import migrate
+from server.admission import FD_HEADROOM, raise_fd_limit
 from server.batching import Backend, ShardBatcher, ShardRouter
 from server.config import Settings
-from server.gateway import Gateway
+from server.gateway import Gateway, GatewayLimits
 from server.http import HttpServer
 from server.metrics import Metrics
 from server.pushes import PushFanout
@@ -304,9 +305,16 @@ async def serve_async(
             await router.start(wait=60.0)
             backend = router
         limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
-        gateway = Gateway(
-            settings.secret, backend, holder.current, limiter, settings.max_connections, metrics
+        limits = GatewayLimits(
+            handshake_timeout=settings.handshake_timeout,
+            idle_timeout=settings.connection_idle_timeout,
+            bad_frames=settings.max_bad_frames,
+            per_address=settings.max_connections_per_ip,
         )
+        gateway = Gateway(
+            settings.secret, backend, holder.current, limiter, settings.max_connections, metrics,
+            limits,
+        )  # fmt: skip
 
         async def catalog_changed(version: int) -> None:
             if version > holder.catalog.version and await holder.refresh():
@@ -382,6 +390,7 @@ def run_server(
     # A server that starts services of its own owns its data directory: taken
     # before anything is started or cleaned up there.
     lock = lock_data_dir(settings.data_dir) if settings.embedded else None
+    raise_fd_limit(settings.max_connections + FD_HEADROOM)
     services = start_services(settings)
     metrics = Metrics()
     supervisor = Supervisor(

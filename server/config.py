@@ -59,6 +59,15 @@ class Settings:
     flush_interval_ms: float = 0.0
     idle_seconds: float = 600.0
     max_connections: int = 20_000
+    #: Open WebSockets per client address (an IPv6 /64): one host, or one NAT,
+    #: takes at most 5% of the default connection limit.
+    max_connections_per_ip: int = 1_000
+    handshake_timeout: float = 10.0
+    #: Seconds without any frame from a connection, not even a pong, before it
+    #: is closed (server.gateway.GatewayLimits); longer than the 20 s ping interval.
+    connection_idle_timeout: float = 60.0
+    #: Bad frames a connection may send in a minute; one more closes it 1008.
+    max_bad_frames: int = 10
     log_level: str = "INFO"
 
     @classmethod
@@ -85,6 +94,12 @@ class Settings:
             flush_interval_ms=_number(env, "LOADOUT_FLUSH_INTERVAL_MS", 0.0, 0.0, 1000.0),
             idle_seconds=_number(env, "LOADOUT_IDLE_SECONDS", 600.0, 1.0, 10**7),
             max_connections=_number(env, "LOADOUT_MAX_CONNECTIONS", 20_000, 1, 10**7),
+            max_connections_per_ip=_number(env, "LOADOUT_MAX_CONNECTIONS_PER_IP", 1_000, 1, 10**7),
+            handshake_timeout=_number(env, "LOADOUT_HANDSHAKE_TIMEOUT", 10.0, 0.1, 3600.0),
+            connection_idle_timeout=_number(
+                env, "LOADOUT_CONNECTION_IDLE_TIMEOUT", 60.0, 21.0, 10**7
+            ),
+            max_bad_frames=_number(env, "LOADOUT_MAX_BAD_FRAMES", 10, 0, 10**9),
             log_level=level,
         )
 

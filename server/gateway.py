@@ -13,12 +13,18 @@ object, not a pair of tasks:
 * A connection has a bounded number of requests in flight; past it, frames
   wait in the connection's ``held`` queue and the gateway stops reading the
   socket, so TCP pushes back on the client.  The queue holds at most what one
-  socket read brought in.
+  socket read brought in.  A request refused ``rate_limited`` does the same
+  until its ``retry_after_ms`` is over (``Client.throttle``): a flood waits in
+  TCP rather than taking the event loop from other users.
 * Writes go straight to the socket.  A client that stops reading while its
   unsent bytes pass a bound is closed with 1008, not buffered without end.
+* Slow and silent clients: the HTTP request must be complete within the
+  handshake timeout, and a connection from which no frame comes for the idle
+  timeout is closed (``GatewayLimits`` says what idle means).
 
-The handshake checks the path, the token (HTTP 401 without a good one) and
-the connection limit (503), and picks the subprotocol; ``/healthz`` and
+The handshake checks the path, the token (HTTP 401 without a good one), the
+connection limit (503) and the limit per client address (429; the address
+comes from ``server.admission``), and picks the subprotocol; ``/healthz`` and
 ``/readyz`` are answered as plain HTTP on the same port.  ``/metrics`` is
 not: it lives on the operators' HTTP port (server/http.py).
 """
@@ -31,6 +37,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -44,7 +51,6 @@ from picows import (
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_create_server,
 )
 
 from actors.catalog import Catalog
@@ -66,6 +72,7 @@ from protocol.messages import (
 from protocol.messages import (
     Catalog as CatalogRequest,
 )
+from server.admission import serve_websockets
 from server.auth import AuthError, Identity, verify_token
 from server.batching import Backend, ShardBusy
 from server.metrics import Metrics
@@ -91,15 +98,39 @@ class _Outcome(msgspec.Struct):
 _outcome = msgspec.msgpack.Decoder(_Outcome)
 
 
+@dataclass(frozen=True)
 class GatewayLimits:
-    in_flight = 256  # requests per connection awaiting a reply; then stop reading
-    send_buffer = 1024 * 1024  # unsent bytes per connection; then hang up
-    fragments = 1024  # frames in one fragmented message, then close 1008
-    close_timeout = 5.0  # after our close frame, for the client's, then hang up
-    bad_frames = 10  # per minute, then close 1008
-    bad_frame_window = 60.0
-    handshake_timeout = 10.0
-    ping_interval = 20.0  # an idle connection is pinged; no pong in time closes it
+    """What one gateway allows a connection, and how long it waits for one.
+
+    *Idle* means that no complete frame of any kind (a request, a ping, a
+    pong, a close) has arrived for ``idle_timeout`` seconds.  A connection
+    that sends nothing for ``ping_interval`` seconds is pinged, and every
+    WebSocket client answers pings by itself, so a live client however quiet
+    is never idle; a peer that vanished without a FIN stops answering and
+    picows closes it ``ping_interval`` after the ping.  What the idle timeout
+    catches besides is a peer that keeps the socket busy without ever
+    finishing a frame (a frame trickled a byte at a time): any incoming byte
+    puts the ping off, so nothing else would close it.  Idle connections are
+    closed with 1001.
+    """
+
+    in_flight: int = 256  # requests per connection awaiting a reply; then stop reading
+    send_buffer: int = 1024 * 1024  # unsent bytes per connection; then hang up
+    fragments: int = 1024  # frames in one fragmented message, then close 1008
+    close_timeout: float = 5.0  # after our close frame, for the client's, then hang up
+    bad_frames: int = 10  # per bad_frame_window, then close 1008 (PROTOCOL.md §5)
+    bad_frame_window: float = 60.0
+    handshake_timeout: float = 10.0  # from TCP connect to the end of the HTTP request
+    ping_interval: float = 20.0  # an idle connection is pinged; no pong in time closes it
+    idle_timeout: float = 60.0  # no frame at all, not even a pong, this long: close 1001
+    per_address: int = 1000  # open WebSockets per client address (an IPv6 /64); then 429
+    throttle_limit: float = 1.0  # longest pause in reading after a rate_limited refusal
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout <= self.ping_interval:
+            # A quiet client is pinged only after ping_interval: its pong must
+            # be able to arrive before the idle timeout, or live clients are closed.
+            raise ValueError("idle_timeout must be longer than ping_interval")
 
 
 def _frame_header(opcode: int, size: int) -> bytes:
@@ -119,11 +150,16 @@ def _transcode(data: bytes) -> bytes:
 class Client(WSListener):
     """One open connection: picows calls it back for every frame."""
 
-    def __init__(self, gateway: Gateway, identity: Identity, codec: Codec) -> None:
+    def __init__(self, gateway: Gateway, identity: Identity, codec: Codec, address: str) -> None:
         super().__init__()
         self.gateway = gateway
+        self.limits = gateway.limits
         self.identity = identity
         self.codec = codec
+        #: Where the connection comes from, as counted by the per-address limit.
+        self.address = address
+        #: When the last complete frame of any kind arrived (``GatewayLimits``, idle).
+        self.last_frame = time.monotonic()
         self.opcode = (WSMsgType.BINARY if codec.binary else WSMsgType.TEXT).value
         #: Frames (headers and payloads) waiting for this loop turn's flush.
         self.unsent: list[bytes] = []
@@ -135,6 +171,8 @@ class Client(WSListener):
         self.ready = False
         self.releasing = False
         self.reading_paused = False
+        #: Refused ``rate_limited``: nothing more is read until its wait is over.
+        self.throttled = False
         self.writing_paused = False
         self.closing = False
         #: A message arriving in several frames: its kind and its parts so far.
@@ -163,7 +201,14 @@ class Client(WSListener):
     def resume_writing(self) -> None:
         self.writing_paused = False
 
+    def is_user_specific_pong(self, frame: WSFrame) -> bool:
+        """picows asks this, instead of calling ``on_ws_frame``, about every
+        frame that arrives while it waits for the pong of its ping."""
+        self.last_frame = time.monotonic()
+        return frame.msg_type is WSMsgType.PONG
+
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        self.last_frame = time.monotonic()
         kind = frame.msg_type
         if self.closing:  # our close frame is out: wait for theirs, ignore the rest
             if kind is WSMsgType.CLOSE:
@@ -194,7 +239,7 @@ class Client(WSListener):
                 return self.close(WSCloseCode.INVALID_TEXT, "text frame is not UTF-8")
         else:
             message = payload
-        if self.held or not self.ready or self.in_flight >= GatewayLimits.in_flight:
+        if self.held or not self.ready or self.throttled or self.in_flight >= self.limits.in_flight:
             self.held.append(message)
             self._pause_reading()
             return
@@ -216,7 +261,7 @@ class Client(WSListener):
         if self.parts_size > MAX_FRAME:
             self.close(WSCloseCode.MESSAGE_TOO_BIG, "message over 64 KiB")
             return None
-        if len(self.parts) > GatewayLimits.fragments:
+        if len(self.parts) > self.limits.fragments:
             self.close(WSCloseCode.POLICY_VIOLATION, "too many fragments in one message")
             return None
         if not frame.fin:
@@ -256,7 +301,7 @@ class Client(WSListener):
         data = b"".join(unsent)
         unsent.clear()
         socket = transport.underlying_transport
-        if self.writing_paused and socket.get_write_buffer_size() > GatewayLimits.send_buffer:
+        if self.writing_paused and socket.get_write_buffer_size() > self.limits.send_buffer:
             log.warning("closing %s: not reading (send buffer full)", self.identity.user)
             self.gateway.metrics.disconnects.labels("not_reading").inc()
             # The close frame would queue behind what the client does not read.
@@ -286,21 +331,21 @@ class Client(WSListener):
             self.reading_paused = False
             transport.underlying_transport.resume_reading()
         asyncio.get_running_loop().call_later(
-            GatewayLimits.close_timeout, transport.disconnect, False
+            self.limits.close_timeout, transport.disconnect, False
         )
 
     # ----------------------------------------------------------- flow control
 
     def took(self) -> None:
         self.in_flight += 1
-        if self.in_flight >= GatewayLimits.in_flight:
+        if self.in_flight >= self.limits.in_flight:
             self._pause_reading()
 
     def answered(self) -> None:
         self.in_flight -= 1
         if self.held:
             self.release()
-        elif self.reading_paused and self.in_flight < GatewayLimits.in_flight // 2:
+        elif self.reading_paused and self.in_flight < self.limits.in_flight // 2:
             self._resume_reading()
 
     def release(self) -> None:
@@ -309,12 +354,37 @@ class Client(WSListener):
             return  # the loop below is already running, further up the stack
         self.releasing = True
         try:
-            while self.held and self.in_flight < GatewayLimits.in_flight and not self.closing:
+            while (
+                self.held
+                and self.in_flight < self.limits.in_flight
+                and not self.closing
+                and not self.throttled
+            ):
                 self.gateway._receive(self, self.held.popleft())
         finally:
             self.releasing = False
-        if not self.held and self.in_flight < GatewayLimits.in_flight:
+        if not self.held and self.in_flight < self.limits.in_flight:
             self._resume_reading()
+
+    def throttle(self, wait_ms: int) -> None:
+        """Stop reading for ``wait_ms`` (at most ``throttle_limit``): the user is
+        over the rate limit.
+
+        Refusing costs the gateway about what serving costs, so a client that
+        keeps sending while refused would take the event loop from everyone
+        else.  Its frames wait in TCP instead, and TCP pushes back on it; when
+        the wait is over, what it sent is dispatched in order (and refused
+        again if it is still too much)."""
+        if self.throttled or self.closing:
+            return
+        self.throttled = True
+        self._pause_reading()
+        delay = min(wait_ms / 1000, self.limits.throttle_limit)
+        asyncio.get_running_loop().call_later(delay, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self.throttled = False
+        self.release()
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None and not self.closing:
@@ -322,8 +392,14 @@ class Client(WSListener):
             self.transport.underlying_transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None and not self.closing:
+        if (
+            self.reading_paused
+            and not self.throttled
+            and self.transport is not None
+            and not self.closing
+        ):
             self.reading_paused = False
+            self.last_frame = time.monotonic()  # the pause was ours, not idleness
             self.transport.underlying_transport.resume_reading()
 
 
@@ -336,8 +412,10 @@ class Gateway:
         limiter: RateLimiter,
         max_connections: int = 20_000,
         metrics: Metrics | None = None,
+        limits: GatewayLimits | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.limits = limits or GatewayLimits()
         #: Units left of limited items (kept current from Redis by the app).
         self.stock_left: dict[str, int] = {}
         self._secret = secret
@@ -353,7 +431,11 @@ class Gateway:
         self.readiness: Callable[[], tuple[bool, bytes]] = lambda: (True, b"{}\n")
         self._server: asyncio.Server | None = None
         self._all: set[Client] = set()
+        #: Open connections per client address (``server.admission.address_key``).
+        self.per_address: dict[str, int] = {}
         self._unflushed: list[Client] = []
+        self._idle_check: asyncio.TimerHandle | None = None
+        self._refusal_logged = 0.0
         self.draining = False
 
     # --------------------------------------------------------------- serving
@@ -362,18 +444,17 @@ class Gateway:
         picows_log = logging.getLogger("picows")
         if picows_log.level == logging.NOTSET:  # it logs every connection at INFO
             picows_log.setLevel(logging.WARNING)
-        self._server = await ws_create_server(
+        self._server = await serve_websockets(
             self._upgrade,
             host,
             port,
-            websocket_handshake_timeout=GatewayLimits.handshake_timeout,
-            enable_auto_ping=True,
-            auto_ping_idle_timeout=GatewayLimits.ping_interval,
-            auto_ping_reply_timeout=GatewayLimits.ping_interval,
-            max_frame_size=MAX_FRAME,
+            handshake_timeout=self.limits.handshake_timeout,
+            ping_interval=self.limits.ping_interval,
+            max_frame=MAX_FRAME,
             reuse_port=reuse_port,
-            logger_name="loadout.ws",
+            logger=logging.getLogger("picows.loadout.ws"),
         )
+        self._schedule_idle_check()
         return self._server
 
     @property
@@ -398,12 +479,16 @@ class Gateway:
         for client in clients:  # whoever did not finish in time
             if client.transport is not None:
                 client.transport.disconnect(graceful=False)
+        if self._idle_check is not None:
+            self._idle_check.cancel()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 10)
 
-    def _upgrade(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
-        """Route an HTTP request: a WebSocket for a good token, else a response."""
+    def _upgrade(self, request: WSUpgradeRequest, address: str) -> WSUpgradeResponseWithListener:
+        """Route an HTTP request: a WebSocket for a good token, else a response.
+
+        ``address`` is the client's (``server.admission.address_key``)."""
         url = urlsplit(request.path.decode("latin-1"))
         if url.path == "/healthz":
             return _plain(WSUpgradeResponse.create_ok_response(b"ok\n"))
@@ -421,6 +506,8 @@ class Gateway:
         if self.connections >= self._max_connections:
             log.warning("refused a connection: %d open (the limit)", self.connections)
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections")
+        if self.per_address.get(address, 0) >= self.limits.per_address:
+            return self._refuse_address(address)
         token = _bearer(request.headers.get("Authorization"))
         if token is None:
             tokens = parse_qs(url.query).get("token")
@@ -433,8 +520,21 @@ class Gateway:
             return _error(HTTPStatus.UNAUTHORIZED, "unauthorized", challenge)
         subprotocol = _pick_subprotocol(request.headers.getall("Sec-WebSocket-Protocol", []))
         headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
-        client = Client(self, identity, codec_for(subprotocol))
+        client = Client(self, identity, codec_for(subprotocol), address)
         return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), client)
+
+    def _refuse_address(self, address: str) -> WSUpgradeResponseWithListener:
+        """429: this address holds ``GatewayLimits.per_address`` connections.
+
+        Logged at most once a second: a client that retries in a loop must
+        not flood the log as well."""
+        self.metrics.refused.labels("per_address").inc()
+        now = time.monotonic()
+        if now - self._refusal_logged >= 1.0:
+            self._refusal_logged = now
+            log.warning("refused a connection from %s: %d open (the limit)",
+                        address or "a local socket", self.per_address.get(address, 0))  # fmt: skip
+        return _error(HTTPStatus.TOO_MANY_REQUESTS, "too many connections from your address")
 
     # ------------------------------------------------------------ connections
 
@@ -458,6 +558,7 @@ class Gateway:
     def _connected(self, client: Client) -> None:
         self.clients.setdefault(client.identity.user, set()).add(client)
         self._all.add(client)
+        self.per_address[client.address] = self.per_address.get(client.address, 0) + 1
         self.connections += 1
         self.metrics.connections.inc()
         client.setup = asyncio.get_running_loop().create_task(self._welcome(client))
@@ -491,6 +592,11 @@ class Gateway:
         if client not in self._all:
             return
         self._all.discard(client)
+        left = self.per_address[client.address] - 1
+        if left:
+            self.per_address[client.address] = left
+        else:
+            del self.per_address[client.address]
         self.connections -= 1
         self.metrics.connections.dec()
         if client.watched:
@@ -530,6 +636,7 @@ class Gateway:
             return self._refuse(client, codec.rid_of(frame), error)
         wait = self._limiter.take(identity.user)
         if wait:
+            client.throttle(wait)  # first: the refusal below must not release held frames
             rid = codec.rid_of(frame)
             error = RequestError(ErrorCode.RATE_LIMITED, "too many requests", retry_after_ms=wait)
             return self._refuse(client, rid, error)
@@ -597,12 +704,35 @@ class Gateway:
     def _count_bad_frame(self, client: Client) -> None:
         now = time.monotonic()
         client.bad.append(now)
-        while client.bad and now - client.bad[0] > GatewayLimits.bad_frame_window:
+        while client.bad and now - client.bad[0] > self.limits.bad_frame_window:
             client.bad.popleft()
-        if len(client.bad) > GatewayLimits.bad_frames:
+        if len(client.bad) > self.limits.bad_frames:
             log.info("closing %s: too many bad frames", client.identity.user)
             self.metrics.disconnects.labels("bad_frames").inc()
             client.close(WSCloseCode.POLICY_VIOLATION, "too many bad frames")
+
+    def _schedule_idle_check(self) -> None:
+        """Check for idle connections a few times per ``idle_timeout``."""
+        period = self.limits.idle_timeout / 4
+        loop = asyncio.get_running_loop()
+        self._idle_check = loop.call_later(period, self._close_idle)
+
+    def _close_idle(self) -> None:
+        """Close connections from which no frame came for ``idle_timeout``
+        (``GatewayLimits`` says what idle means and why pings do not suffice)."""
+        deadline = time.monotonic() - self.limits.idle_timeout
+        # A connection whose reading we paused (requests in flight) is not idle
+        # by its own doing: what it sent waits in the socket.
+        idle = [
+            c
+            for c in self._all
+            if c.last_frame < deadline and not c.closing and not c.reading_paused
+        ]
+        for client in idle:
+            log.info("closing %s: idle", client.identity.user)
+            self.metrics.disconnects.labels("idle").inc()
+            client.close(WSCloseCode.GOING_AWAY, "idle")
+        self._schedule_idle_check()
 
     # ----------------------------------------------------------------- pushes
 

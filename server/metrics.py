@@ -47,6 +47,10 @@ class Metrics:
             "loadout_disconnects", "Connections closed by the server, by reason.",
             ["reason"], registry=self.registry,
         )  # fmt: skip
+        self.refused = Counter(
+            "loadout_refused_handshakes", "WebSocket handshakes refused by a limit, by limit.",
+            ["limit"], registry=self.registry,
+        )  # fmt: skip
 
         # Children by label values: ``labels()`` costs more than the increment.
         self._counts: dict[tuple[str, str], Any] = {}

@@ -88,12 +88,38 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("LOADOUT_IDLE_SECONDS", "inf"),
         ("LOADOUT_FLUSH_INTERVAL_MS", "-1"),
         ("LOADOUT_LOG_LEVEL", "loud"),
+        ("LOADOUT_MAX_CONNECTIONS_PER_IP", "0"),
+        ("LOADOUT_MAX_CONNECTIONS_PER_IP", "many"),
+        ("LOADOUT_HANDSHAKE_TIMEOUT", "0"),
+        ("LOADOUT_CONNECTION_IDLE_TIMEOUT", "20"),  # not past the 20 s ping interval
+        ("LOADOUT_MAX_BAD_FRAMES", "-1"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({name: value})
     assert name in str(info.value)
+
+
+def test_connection_limits_default_and_are_read() -> None:
+    """PROTOCOL.md §5 closes a connection after more than 10 bad frames a minute."""
+    default = Settings.from_env({})
+    assert default.max_bad_frames == 10
+    assert default.max_connections_per_ip == 1_000
+    assert default.connection_idle_timeout == 60.0
+    assert default.handshake_timeout == 10.0
+    settings = Settings.from_env(
+        {
+            "LOADOUT_MAX_CONNECTIONS_PER_IP": "5",
+            "LOADOUT_HANDSHAKE_TIMEOUT": "2.5",
+            "LOADOUT_CONNECTION_IDLE_TIMEOUT": "90",
+            "LOADOUT_MAX_BAD_FRAMES": "1000",
+        }
+    )
+    assert settings.max_connections_per_ip == 5
+    assert settings.handshake_timeout == 2.5
+    assert settings.connection_idle_timeout == 90.0
+    assert settings.max_bad_frames == 1000
 
 
 def test_with_secret_generates_once_with_mode_0600(tmp_path: Path) -> None:
