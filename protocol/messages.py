@@ -74,7 +74,9 @@ MAX_GEMS = 2**53 - 1
 MAX_QUANTITY = 1_000_000
 
 Rid = Annotated[str, Meta(max_length=64)] | Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None
-Key = Annotated[str, Meta(min_length=1, max_length=64)]
+#: An idempotency key is stored in PostgreSQL ``text``, which cannot hold NUL:
+#: a key with one would fail the whole group commit it is flushed in.
+Key = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^\x00]*\Z")]
 Sku = Annotated[str, Meta(min_length=1, max_length=64)]
 UserId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}\Z")]
 ProfileName = Annotated[str, Meta(min_length=1, max_length=32)]

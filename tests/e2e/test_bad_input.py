@@ -60,6 +60,24 @@ async def test_bad_frames_get_bad_request_and_change_nothing(
         assert {**after, "rid": None} == {**before, "rid": None}
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "msgpack"])
+async def test_a_key_with_nul_is_refused_before_the_journal(
+    server: ServerProcess, binary: bool
+) -> None:
+    """PostgreSQL text cannot hold NUL: a key with one, let through, would
+    fail the group commit it went into, with every other user's changes in it."""
+    user = new_user()
+    await fund(server, user, 100)
+    async with await Client.open(server, user, binary=binary) as c:
+        before = await c.request({"type": "state", "rid": "before"})
+        purchase = {"type": "purchase", "key": "a\x00b", "sku": "plat.booster.xp", "price": 5}
+        assert (await c.request(purchase))["code"] == "bad_request"
+        after = await c.request({"type": "state", "rid": "after"})
+        assert {**after, "rid": None} == {**before, "rid": None}
+        good = {"type": "purchase", "key": "a-b", "sku": "plat.booster.xp", "price": 5}
+        assert (await c.request(good))["type"] == "purchased"
+
+
 async def test_more_bad_frames_within_the_limit(server: ServerProcess) -> None:
     async with await Client.open(server, new_user()) as c:
         for name, frame in BAD_FRAMES[10:]:

@@ -308,6 +308,27 @@ def test_user_id_with_trailing_newline_is_refused(codec: Codec, message: dict[st
     refused(codec, frame(codec, message))
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "purchase", "key": "a\x00b", "sku": "plat.booster.xp", "price": 5},
+        {"type": "consume", "key": "\x00", "sku": "plat.life.extra"},
+        {"type": "grant", "user": "alice", "amount": 1, "key": "k\x00"},
+        {"type": "redeem", "key": "\x00\x00", "code": "WINTER-CUP"},
+    ],
+    ids=["purchase", "consume", "grant", "redeem"],
+)
+def test_idempotency_key_with_nul_is_refused(codec: Codec, message: dict[str, Any]) -> None:
+    """PostgreSQL text cannot hold NUL: such a key would fail its whole group commit."""
+    refused(codec, frame(codec, message))
+
+
+@pytest.mark.parametrize("key", ["k", "a\nb", "\u202e\U0001f600", "é" * 64, " "])
+def test_other_idempotency_keys_are_taken(codec: Codec, key: str) -> None:
+    request = codec.decode_request(frame(codec, {"type": "consume", "key": key, "sku": "s"}))
+    assert isinstance(request, Consume) and request.key == key
+
+
 GARBAGE_JSON = ["", "not json", "{", '{"type": "state"', "[1, 2]", '"state"', "null", "42"]
 GARBAGE_MSGPACK = [
     b"",
