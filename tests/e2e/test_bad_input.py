@@ -4,6 +4,10 @@ and the connection stays open; persistent abuse and huge frames close it."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import json
 import urllib.error
 import urllib.request
 
@@ -13,7 +17,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from protocol.messages import Role
-from tests.e2e.support import Client, ServerProcess, fund, new_user
+from server.auth import Identity, verify_token
+from tests.e2e.support import SECRET, Client, ServerProcess, fund, new_user
 
 BAD_FRAMES: list[tuple[str, object]] = [
     ("garbage", "}{ not json"),
@@ -135,6 +140,81 @@ async def test_bad_tokens_are_refused_with_401(server: ServerProcess, token: str
         async with connect(server.url, additional_headers=headers):
             pass
     assert refused.value.response.status_code == 401
+
+
+def _token(claims: dict[str, object], key: str = SECRET, alg: str = "HS256") -> str:
+    """A JWT built by hand, as an attacker would: any header, any claims, signed
+    with ``key`` by HMAC-SHA256/512 (``alg`` none: no signature at all)."""
+
+    def part(value: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+    signed = f"{part({'alg': alg, 'typ': 'JWT'})}.{part(claims)}"
+    if alg.lower() == "none":
+        return f"{signed}."
+    digest = {"HS256": hashlib.sha256, "HS512": hashlib.sha512}[alg]
+    mac = hmac.new(key.encode(), signed.encode(), digest).digest()
+    return f"{signed}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
+
+
+_LATER = 4_000_000_000  # an exp in 2096
+#: Tokens a client might forge or keep, each refused at the handshake (PROTOCOL.md §1).
+HOSTILE_TOKENS: dict[str, str] = {
+    "forged": _token({"sub": "mallory", "exp": _LATER}, key="wrong-secret" * 4),
+    "expired": _token({"sub": "late", "exp": 1_000_000_000}),
+    "alg none": _token({"sub": "eve", "exp": _LATER}, alg="none"),
+    "alg None": _token({"sub": "eve", "exp": _LATER, "role": "admin"}, alg="None"),
+    "alg none with a signature": _token({"sub": "eve", "exp": _LATER}, alg="none") + "c2ln",
+    "other algorithm": _token({"sub": "eve", "exp": _LATER}, alg="HS512"),
+    "unknown role": _token({"sub": "eve", "exp": _LATER, "role": "root"}),
+    "role in capitals": _token({"sub": "eve", "exp": _LATER, "role": "ADMIN"}),
+    "role not a string": _token({"sub": "eve", "exp": _LATER, "role": 2}),
+    "sub with a space": _token({"sub": "e ve", "exp": _LATER}),
+    "sub too long": _token({"sub": "e" * 65, "exp": _LATER}),
+    "sub not ascii": _token({"sub": "ève", "exp": _LATER}),
+    "sub a number": _token({"sub": 7, "exp": _LATER}),
+    "no exp": _token({"sub": "eve"}),
+    "exp not a number": _token({"sub": "eve", "exp": "never"}),
+    "not yet valid": _token({"sub": "eve", "exp": _LATER, "nbf": _LATER - 1}),
+}
+
+
+def test_the_hostile_tokens_would_pass_but_for_what_they_break() -> None:
+    """A control: the same hand-made token, signed right, gets in (the check
+    that refuses each hostile one is the one it names)."""
+    assert verify_token(SECRET, _token({"sub": "eve", "exp": _LATER, "role": "admin"})) == (
+        Identity("eve", Role.ADMIN)
+    )
+
+
+@pytest.mark.parametrize("where", ["header", "query"])
+@pytest.mark.parametrize("name", sorted(HOSTILE_TOKENS))
+async def test_hostile_tokens_are_refused_with_401(
+    server: ServerProcess, name: str, where: str
+) -> None:
+    token = HOSTILE_TOKENS[name]
+    url, headers = server.url, {}
+    if where == "header":
+        headers["Authorization"] = f"Bearer {token}"
+    else:
+        url = f"{url}?token={token}"
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url, additional_headers=headers):
+            pass
+    assert refused.value.response.status_code == 401
+
+
+async def test_a_player_may_not_grant_to_or_inspect_another_user(server: ServerProcess) -> None:
+    victim = new_user()
+    await fund(server, victim, 100)
+    async with await Client.open(server, victim) as c:
+        before = await c.request({"type": "state", "rid": "x"})
+    async with await Client.open(server, new_user()) as mallory:
+        grant = {"type": "grant", "user": victim, "amount": 10**6, "key": "gift"}
+        assert (await mallory.request(grant))["code"] == "forbidden"
+        assert (await mallory.request({"type": "inspect", "user": victim}))["code"] == "forbidden"
+    async with await Client.open(server, victim) as c:
+        assert await c.request({"type": "state", "rid": "x"}) == before
 
 
 async def test_expired_token_and_query_token(server: ServerProcess) -> None:

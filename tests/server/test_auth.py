@@ -86,6 +86,22 @@ def test_alg_none() -> None:
     refused(unsigned + ".")
 
 
+def test_alg_none_in_any_case() -> None:
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+    for alg in ("None", "NONE", "nOnE"):
+        refused(part({"alg": alg}) + "." + part({"sub": "alice", "exp": later()}) + ".")
+
+
+def test_exp_that_is_not_a_number() -> None:
+    refused(signed({"sub": "alice", "exp": "tomorrow"}))
+
+
+def test_token_not_valid_yet() -> None:
+    refused(signed({"sub": "alice", "exp": later(), "nbf": later(300)}))
+
+
 def test_other_hmac_algorithm_with_the_right_secret() -> None:
     refused(signed({"sub": "alice", "exp": later()}, algorithm="HS512"))
 
