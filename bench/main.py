@@ -39,7 +39,7 @@ from protocol.messages import Role
 from server.auth import issue_token
 from server.config import Settings
 
-__all__ = ["add_arguments", "register", "run"]
+__all__ = ["add_arguments", "fund_users", "register", "run"]
 
 GRANT = 10**12  # gems per user: never the limit
 FUND_WINDOW = 2000  # grants in flight on the admin connection
@@ -183,7 +183,7 @@ def _measure(
     hot, cold = pool[:n_hot], pool[n_hot : n_hot + args.connections]
     started = time.perf_counter()
     with console.status(f"funding {len(users)} users ..."):
-        failures = asyncio.run(_fund(url, secret, users))
+        failures = asyncio.run(fund_users(url, secret, users))
     console.print(
         f"  funded {len(users)} users in {time.perf_counter() - started:.1f} s"
         + (f" ([red]{failures} failed[/])" if failures else "")
@@ -212,7 +212,7 @@ def _measure(
     return merge(name, core, workers, settings)
 
 
-async def _fund(url: str, secret: str, users: list[str]) -> int:
+async def fund_users(url: str, secret: str, users: list[str]) -> int:
     """Grant every user ``GRANT`` gems (idempotent key), pipelined; return failures."""
     token = issue_token(secret, "bench-admin", Role.ADMIN, 3600)
     encode, decode = msgspec.msgpack.encode, msgspec.msgpack.decode
