@@ -43,7 +43,7 @@ from actors.catalog import Catalog
 from actors.catalog_source import load_live_catalog
 from actors.events import Change, decode_change
 from actors.routing import user_channel
-from actors.saga import STEP_TIMEOUT, Hold, HoldState, Result, SagaStep, settlement
+from actors.saga import STEP_TIMEOUT, Hold, HoldState, Result, SagaStep, Step, settlement
 from actors.shard.coordinator import SagaCoordinator, StepCaller
 from actors.shard.expiry import ExpiryScheduler
 from actors.shard.history import HistoryPage, complete_history, page_from_memory
@@ -417,6 +417,12 @@ class ShardHost:
         steps: list[SagaStep] = []
         for i, result in work.results.items():
             hold = work.holds[i]
+            if hold.state is HoldState.UNREACHABLE:
+                # The reserve may have happened with its answer lost (a crash of
+                # the allowance's shard): its request was not applied, so the
+                # unit, if reserved, is released now rather than by the sweeper.
+                steps.append(hold.step.then(Step.RELEASE))
+                continue
             if hold.state is not HoldState.GRANTED:
                 continue
             if unknown and result is Result.SOLD:
