@@ -416,11 +416,17 @@ async def _check(server: ChaosServer, logs: list[UserLog], report: ChaosReport) 
 
 
 async def _ask(ws: ClientConnection, request: dict[str, Any]) -> dict[str, Any]:
-    await ws.send(json.dumps({**request, "rid": "check"}))
+    """One read for the check, retried while rate limited (a long ledger is
+    many pages) or unavailable."""
     while True:
-        message: dict[str, Any] = json.loads(await ws.recv())
-        if message.get("rid") == "check":
+        await ws.send(json.dumps({**request, "rid": "check"}))
+        while True:
+            message: dict[str, Any] = json.loads(await ws.recv())
+            if message.get("rid") == "check":
+                break
+        if message.get("code") not in ("rate_limited", "unavailable"):
             return message
+        await asyncio.sleep((message.get("retry_after_ms") or 200) / 1000)
 
 
 def _verify(server: ChaosServer) -> tuple[int | None, dict[str, Any] | None]:
