@@ -11,8 +11,8 @@ A purchase of a limited item is a small saga between two entities::
     reserve (allowance) -> debit and grant (user) -> confirm (allowance)
                                  \\-> on refusal: release (allowance)
 
-Every step is idempotent by reservation id (one per attempt: see
-``actors.saga``, which holds the saga's decisions).  A reservation carries a
+Every step is idempotent by reservation id (one per user, key and request:
+see ``actors.saga``, which holds the saga's decisions).  A reservation carries a
 deadline: the user's shard applies the purchase only before it, and the
 allowance's sweeper settles a reservation left behind by a crash only well
 after it, by looking for its sale in ``reservation_outcomes`` (confirm if
@@ -36,9 +36,13 @@ class Reservation(Struct, array_like=True):
     deadline: int
     user: str
     key: str
-    #: Unused since reservations are per attempt; kept so that states
+    #: Unused (the fingerprint is in the reservation id); kept so that states
     #: written before still decode (the struct is positional).
     fingerprint: str = ""
+    #: The deadline this reservation was made with (``deadline`` moves later
+    #: when a retry reserves again): a sale recorded with a deadline from
+    #: ``since`` to ``deadline`` is this reservation's.  0 in older states.
+    since: int = 0
 
 
 class AllowanceState(Struct, array_like=True):
@@ -64,22 +68,22 @@ def reserve(
     deadline: int,
     user: str,
     key: str,
-) -> tuple[bool, bool]:
-    """Reserve ``quantity``; return (granted, changed).  Reserving again under
-    the same id (a retry of the same request) keeps the reservation and moves
-    its deadline later."""
+) -> tuple[bool, bool, bool]:
+    """Reserve ``quantity``; return (granted, changed, created).  Reserving
+    again under the same id (a retry of the same request) keeps the
+    reservation, moves its deadline later, and did not create it."""
     held = state.reservations.get(res)
     if held is not None:
         if held.quantity != quantity:
-            return False, False
+            return False, False, False
         if held.deadline >= deadline:
-            return True, False
+            return True, False, False
         held.deadline = deadline
-        return True, True
+        return True, True, False
     if left(state, capacity) < quantity:
-        return False, False
-    state.reservations[res] = Reservation(quantity, deadline, user, key)
-    return True, True
+        return False, False, False
+    state.reservations[res] = Reservation(quantity, deadline, user, key, since=deadline)
+    return True, True, True
 
 
 def confirm(state: AllowanceState, res: str) -> bool:

@@ -14,10 +14,15 @@ module says what to do at each turn:
   reservation to the sweeper?
 * ``left_behind``: the sweeper's verdict on a reservation a crash left behind.
 
-Every attempt reserves under a reservation id of its own (``reservation_id``):
-a retry of the same key through another gateway, arriving after the
-original's confirm, holds its own unit, finds the original's change (a
-replay) and releases that unit, so one sale always uses one unit.
+A reservation's id is the user, the key and the request's fingerprint
+(``reservation_id``), so a retry of the same request finds the unit its
+earlier attempt reserved, even when that attempt was lost in a crash, and
+uses it instead of taking another.  The reserve answers whether it *created*
+the reservation; only the attempt that created one may release it when it
+turns out not to need it.  So a retry reserving after the original's
+confirm (a new reservation) releases it when it finds itself a replay, and
+a retry that found the original's reservation leaves it to the original: one
+sale always uses one unit.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "RESERVATION_MS",
     "SETTLE_AFTER_MS",
     "STEP_TIMEOUT",
+    "Answer",
     "Hold",
     "HoldState",
     "Need",
@@ -118,6 +124,16 @@ class Hold(NamedTuple):
 
     state: HoldState
     step: SagaStep
+    #: This attempt made the reservation (rather than finding an earlier one).
+    created: bool = False
+
+
+class Answer(Struct, array_like=True, frozen=True):
+    """An allowance shard's answer to one step: for a granted reserve, the
+    reservation's deadline and whether this step created it; 0 refused."""
+
+    deadline: int
+    created: bool = False
 
 
 class Need(NamedTuple):
@@ -133,10 +149,11 @@ class Result(StrEnum):
     UNKNOWN = "unknown"  # whether its change is durable is not known
 
 
-def reservation_id(user: str, key: str, attempt: str) -> str:
-    """A reservation per attempt: the same key retried holds a unit of its own,
-    so releasing a replay's unit never touches the original's."""
-    return f"{user}/{key}/{attempt}"
+def reservation_id(user: str, key: str, fingerprint: str) -> str:
+    """One reservation per user, key and request: a retry finds its earlier
+    attempt's; a different request under the same key (a conflict) never
+    shares another's."""
+    return f"{user}/{key}/{fingerprint}"
 
 
 def needs_reservation(
@@ -165,17 +182,24 @@ def needs_reservation(
     return Need(allowance_id("stock", item.sku), request.quantity)
 
 
-def settlement(result: Result) -> Step | None:
+def settlement(result: Result, created: bool) -> Step | None:
     """The step that ends a reservation once its request was applied (or not);
-    None leaves it to the sweeper, which looks for the sale in the database."""
+    None leaves it to its owner or the sweeper.  An unused reservation this
+    attempt did not create belongs to an earlier attempt, which may still
+    sell with it (or, if that attempt died, the sweeper settles it)."""
     if result is Result.SOLD:
         return Step.CONFIRM
-    if result is Result.UNUSED:
+    if result is Result.UNUSED and created:
         return Step.RELEASE
     return None
 
 
-def left_behind(sold: bool) -> Step:
+def left_behind(since: int, deadline: int, sold_with: list[int]) -> Step:
     """The sweeper's verdict on a reservation long past its deadline: confirm
-    if its sale is recorded (``reservation_outcomes``), else abandon it."""
-    return Step.CONFIRM if sold else Step.ABANDON
+    if a sale was recorded with it (``reservation_outcomes``: a 'sold' row of
+    its id whose deadline falls within this reservation's, from ``since`` to
+    ``deadline``), else abandon it.  A sale outside that span was an earlier
+    reservation under the same id, confirmed already."""
+    low = since or deadline  # states written before ``since`` existed
+    mine = any(low <= sold <= deadline for sold in sold_with)
+    return Step.CONFIRM if mine else Step.ABANDON

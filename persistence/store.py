@@ -113,18 +113,17 @@ async def load_changes_by_key(
     return {(r["user_id"], r["key"]): r["change"] for r in rows}
 
 
-async def load_sold(
-    pool: asyncpg.Pool, reservations: list[tuple[str, int]]
-) -> set[tuple[str, int]]:
-    """Which of these reservations (id, deadline) were sold: their purchase is durable."""
+async def load_sold(pool: asyncpg.Pool, reservations: list[str]) -> dict[str, list[int]]:
+    """Per reservation id, the deadlines its sales were recorded with."""
     rows = await pool.fetch(
-        "SELECT o.res, o.deadline FROM reservation_outcomes o"
-        " JOIN unnest($1::text[], $2::bigint[]) AS w(res, deadline)"
-        " ON o.res = w.res AND o.deadline = w.deadline WHERE o.outcome = 'sold'",
-        [r for r, _ in reservations],
-        [d for _, d in reservations],
+        "SELECT res, deadline FROM reservation_outcomes"
+        " WHERE res = ANY($1::text[]) AND outcome = 'sold'",
+        reservations,
     )
-    return {(r["res"], r["deadline"]) for r in rows}
+    sold: dict[str, list[int]] = {}
+    for r in rows:
+        sold.setdefault(r["res"], []).append(r["deadline"])
+    return sold
 
 
 async def load_ledger(

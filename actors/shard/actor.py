@@ -24,7 +24,7 @@ from typing import Any
 import ray
 
 from actors.routing import shard_name
-from actors.saga import STEP_TIMEOUT, SagaStep
+from actors.saga import STEP_TIMEOUT, Answer, SagaStep
 from actors.shard.host import ShardHost, ShardSettings
 from actors.shard.link import Endpoint, LinkServer
 
@@ -149,13 +149,13 @@ class ShardActor:
         host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         return await self._link.start(host)
 
-    async def apply_steps(self, catalog_version: int, steps: list[SagaStep]) -> list[int]:
+    async def apply_steps(self, catalog_version: int, steps: list[SagaStep]) -> list[Answer]:
         host = await self._ready()
         return await host.apply_steps(catalog_version, steps)
 
     async def _call_shard(
         self, shard: int, catalog_version: int, steps: list[SagaStep]
-    ) -> list[int]:
+    ) -> list[Answer]:
         """Saga steps on the shard hosting an allowance: this one directly,
         another through Ray (found by name in this actor's namespace)."""
         if shard == self._shard:
@@ -166,7 +166,7 @@ class ShardActor:
         if peer is None:
             namespace = ray.get_runtime_context().namespace
             peer = self._peers[shard] = ray.get_actor(shard_name(shard), namespace=namespace)
-        result: list[int] = await asyncio.wait_for(
+        result: list[Answer] = await asyncio.wait_for(
             peer.apply_steps.remote(catalog_version, steps), STEP_TIMEOUT
         )
         return result

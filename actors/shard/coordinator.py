@@ -12,9 +12,7 @@ constructor and its connections at ``attach``.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -29,6 +27,7 @@ from actors.routing import STOCK_LEFT_KEY, shard_index, stock_channel
 from actors.saga import (
     RESERVATION_MS,
     SETTLE_AFTER_MS,
+    Answer,
     Hold,
     HoldState,
     SagaStep,
@@ -39,7 +38,7 @@ from actors.saga import (
 )
 from actors.shard.records import BatchItem
 from actors.shard.residents import Residents, allowance_encoder
-from actors.user import KeyRecord, scoped_key
+from actors.user import KeyRecord, fingerprint, scoped_key
 from persistence import store
 from persistence.journal import Journal, JournalError, JournalRecord
 from protocol.messages import Purchase, Redeem
@@ -49,9 +48,9 @@ __all__ = ["SagaCoordinator", "StepCaller"]
 log = logging.getLogger("loadout.shard")
 
 #: Calls a shard's ``apply_steps`` (this one's, or a peer's through Ray) with
-#: the caller's catalog version.  The answer per step is 0 when refused; else
-#: 1, or for a reserve the reservation's deadline.
-StepCaller = Callable[[int, int, list[SagaStep]], Awaitable[list[int]]]
+#: the caller's catalog version; an ``Answer`` per step.
+StepCaller = Callable[[int, int, list[SagaStep]], Awaitable[list[Answer]]]
+_REFUSED = Answer(0)
 
 
 def _now_ms() -> int:
@@ -75,9 +74,6 @@ class SagaCoordinator:
         self._refresh_catalog = refresh_catalog
         self._call = call
         self._background = background
-        #: Reservation ids are per attempt: unique to this process and start.
-        self._attempts = itertools.count()
-        self._prefix = secrets.token_hex(4)
         self._pool: asyncpg.Pool | None = None
         self._redis: aioredis.Redis | None = None
         self._journal: Journal | None = None
@@ -104,10 +100,10 @@ class SagaCoordinator:
             need = needs_reservation(state, request, catalog, now)
             if need is None:
                 continue
-            attempt = f"{self._prefix}.{next(self._attempts)}"
+            res = reservation_id(user_id, request.key, fingerprint(request).hex())
             step = SagaStep(
-                Step.RESERVE, need.allowance, reservation_id(user_id, request.key, attempt),
-                need.quantity, now + RESERVATION_MS, user_id, request.key,
+                Step.RESERVE, need.allowance, res, need.quantity, now + RESERVATION_MS,
+                user_id, request.key,
             )  # fmt: skip
             wanted.setdefault(shard_index(need.allowance, self._shards), []).append((i, step))
         holds: dict[int, Hold] = {}
@@ -123,12 +119,12 @@ class SagaCoordinator:
                     holds[i] = Hold(HoldState.UNREACHABLE, step)
                 return
             for (i, step), answer in zip(items, answers, strict=True):
-                if answer:  # the reservation's own deadline: the one to apply by
+                if answer.deadline:  # the reservation's own deadline: the one to apply by
                     granted = SagaStep(
-                        step.step, step.allowance, step.reservation, step.quantity, answer,
-                        step.user, step.key,
+                        step.step, step.allowance, step.reservation, step.quantity,
+                        answer.deadline, step.user, step.key,
                     )  # fmt: skip
-                    holds[i] = Hold(HoldState.GRANTED, granted)
+                    holds[i] = Hold(HoldState.GRANTED, granted, answer.created)
                 else:
                     holds[i] = Hold(HoldState.REFUSED, step)
 
@@ -164,7 +160,7 @@ class SagaCoordinator:
         promo = catalog.promos.get(name)
         return promo.max_uses if promo is not None else 0
 
-    async def apply_steps(self, catalog_version: int, steps: list[SagaStep]) -> list[int]:
+    async def apply_steps(self, catalog_version: int, steps: list[SagaStep]) -> list[Answer]:
         """Apply saga steps to allowances hosted here; answer once durable.
 
         Raises ``JournalError`` (the caller answers ``unavailable``) if the
@@ -185,25 +181,27 @@ class SagaCoordinator:
         rejected = await written
         if rejected:  # their steps did not happen: nothing was reserved
             results = [
-                0 if s.allowance in rejected else r for s, r in zip(steps, results, strict=True)
+                _REFUSED if s.allowance in rejected else r
+                for s, r in zip(steps, results, strict=True)
             ]
         stocks = [e.partition(":")[2] for e in entities - rejected if e.startswith("stock:")]
         if stocks:
             self._background(self._announce_stock(stocks))
         return results
 
-    def _apply_steps(self, steps: list[SagaStep]) -> tuple[list[JournalRecord], list[int]]:
+    def _apply_steps(self, steps: list[SagaStep]) -> tuple[list[JournalRecord], list[Answer]]:
         now = _now_ms()
         records: list[JournalRecord] = []
-        results: list[int] = []
+        results: list[Answer] = []
         for step in steps:
             held = self._residents.allowances.get(step.allowance)
             if held is None:
-                results.append(0)
+                results.append(_REFUSED)
                 continue
             res = step.reservation
+            created = False
             if step.step is Step.RESERVE:
-                ok, moved = allowances.reserve(
+                ok, moved, created = allowances.reserve(
                     held.state, res, step.quantity, self._capacity(step.allowance),
                     step.deadline, step.user, step.key,
                 )  # fmt: skip
@@ -212,9 +210,9 @@ class SagaCoordinator:
             else:  # RELEASE, or ABANDON by the sweeper (recorded as the outcome)
                 ok = moved = allowances.release(held.state, res, step.deadline)
             if ok and step.step is Step.RESERVE:
-                results.append(held.state.reservations[res].deadline)
+                results.append(Answer(held.state.reservations[res].deadline, created))
             else:
-                results.append(int(ok))
+                results.append(Answer(int(ok)))
             if moved:
                 held.version += 1
                 outcome = (res, step.deadline, "released") if step.step is Step.ABANDON else None
@@ -253,10 +251,10 @@ class SagaCoordinator:
         if not stale:
             return 0
         assert self._pool is not None
-        sold = await store.load_sold(self._pool, [(res, r.deadline) for _, res, r in stale])
+        sold = await store.load_sold(self._pool, [res for _, res, _ in stale])
         steps = [
-            SagaStep(left_behind((res, r.deadline) in sold), entity, res, r.quantity,
-                     r.deadline, r.user, r.key)
+            SagaStep(left_behind(r.since, r.deadline, sold.get(res, [])), entity, res,
+                     r.quantity, r.deadline, r.user, r.key)
             for entity, res, r in stale
         ]  # fmt: skip
         await self.apply_steps(self._catalog().version, steps)

@@ -43,7 +43,7 @@ from actors.catalog import Catalog
 from actors.catalog_source import load_live_catalog
 from actors.events import Change, decode_change
 from actors.routing import user_channel
-from actors.saga import STEP_TIMEOUT, Hold, HoldState, Result, SagaStep, Step, settlement
+from actors.saga import STEP_TIMEOUT, Answer, Hold, HoldState, Result, SagaStep, settlement
 from actors.shard.coordinator import SagaCoordinator, StepCaller
 from actors.shard.expiry import ExpiryScheduler
 from actors.shard.history import HistoryPage, complete_history, page_from_memory
@@ -229,11 +229,11 @@ class ShardHost:
     def stock_left(self, sku: str) -> int | None:
         return self.saga.stock_left(sku)
 
-    async def apply_steps(self, catalog_version: int, steps: list[SagaStep]) -> list[int]:
+    async def apply_steps(self, catalog_version: int, steps: list[SagaStep]) -> list[Answer]:
         """Saga steps on allowances hosted here (from this shard or a peer)."""
         return await self.saga.apply_steps(catalog_version, steps)
 
-    async def _call_self(self, shard: int, version: int, steps: list[SagaStep]) -> list[int]:
+    async def _call_self(self, shard: int, version: int, steps: list[SagaStep]) -> list[Answer]:
         return await asyncio.wait_for(self.apply_steps(version, steps), STEP_TIMEOUT)
 
     async def refresh_catalog(self, version: int) -> None:
@@ -417,17 +417,13 @@ class ShardHost:
         steps: list[SagaStep] = []
         for i, result in work.results.items():
             hold = work.holds[i]
-            if hold.state is HoldState.UNREACHABLE:
-                # The reserve may have happened with its answer lost (a crash of
-                # the allowance's shard): its request was not applied, so the
-                # unit, if reserved, is released now rather than by the sweeper.
-                steps.append(hold.step.then(Step.RELEASE))
-                continue
+            # UNREACHABLE: the reserve may have happened with its answer lost;
+            # the retry of this request finds that reservation and uses it.
             if hold.state is not HoldState.GRANTED:
                 continue
             if unknown and result is Result.SOLD:
                 result = Result.UNKNOWN
-            step = settlement(result)
+            step = settlement(result, hold.created)
             if step is not None:
                 steps.append(hold.step.then(step))
         self.saga.settle(steps)

@@ -11,17 +11,18 @@ from actors.allowance import AllowanceState, confirm, left, release, reserve
 
 def test_reserve_confirm_release() -> None:
     s = AllowanceState()
-    assert reserve(s, "u1/k", 2, 3, 100, "u1", "k") == (True, True)
+    assert reserve(s, "u1/k", 2, 3, 100, "u1", "k") == (True, True, True)
     assert left(s, 3) == 1
-    assert reserve(s, "u2/k", 2, 3, 100, "u2", "k") == (False, False)  # sold out
-    assert reserve(s, "u1/k", 2, 3, 100, "u1", "k") == (True, False)  # a retry
-    assert reserve(s, "u1/k", 1, 3, 100, "u1", "k") == (False, False)  # not the same request
-    assert reserve(s, "u1/k", 2, 3, 200, "u1", "k") == (True, True)  # moves the deadline
+    assert reserve(s, "u2/k", 2, 3, 100, "u2", "k") == (False, False, False)  # sold out
+    assert reserve(s, "u1/k", 2, 3, 100, "u1", "k") == (True, False, False)  # a retry
+    assert reserve(s, "u1/k", 1, 3, 100, "u1", "k") == (False, False, False)  # not the same
+    assert reserve(s, "u1/k", 2, 3, 200, "u1", "k") == (True, True, False)  # moves the deadline
+    assert s.reservations["u1/k"].since == 100
     assert s.reservations["u1/k"].deadline == 200
     assert not release(s, "u1/k", 100)  # an older attempt cannot release the retry's
     assert confirm(s, "u1/k") and not confirm(s, "u1/k")
     assert (s.used, left(s, 3)) == (2, 1)
-    assert reserve(s, "u3/k", 1, 3, 100, "u3", "k") == (True, True)
+    assert reserve(s, "u3/k", 1, 3, 100, "u3", "k") == (True, True, True)
     assert release(s, "u3/k") and not release(s, "u3/k")
     assert left(s, 3) == 1
 

@@ -258,7 +258,7 @@ async def test_a_key_applied_while_a_batch_waits_stays_reachable_until_it_applie
     release = asyncio.Event()
     box: dict[str, ShardHost] = {}
 
-    async def call(shard: int, version: int, steps: list[Any]) -> list[int]:
+    async def call(shard: int, version: int, steps: list[Any]) -> list[Any]:
         if release.is_set() is False and steps[0].step.value == "reserve":
             await release.wait()
         return await box["host"].apply_steps(version, steps)

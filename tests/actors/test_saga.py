@@ -12,6 +12,7 @@ from actors.allowance import allowance_id
 from actors.catalog import Catalog, demo_catalog_text, parse_catalog
 from actors.saga import (
     SETTLE_AFTER_MS,
+    Answer,
     Need,
     Result,
     SagaStep,
@@ -65,16 +66,27 @@ def test_a_promo_code_needs_one_use() -> None:
     )
 
 
-def test_settlement_confirms_a_sale_releases_the_unused_and_leaves_the_unknown() -> None:
-    assert settlement(Result.SOLD) is Step.CONFIRM
-    assert settlement(Result.UNUSED) is Step.RELEASE
-    assert settlement(Result.UNKNOWN) is None
-    assert left_behind(True) is Step.CONFIRM
-    assert left_behind(False) is Step.ABANDON
+def test_settlement_confirms_a_sale_releases_what_it_made_and_leaves_the_rest() -> None:
+    assert settlement(Result.SOLD, created=True) is Step.CONFIRM
+    assert settlement(Result.SOLD, created=False) is Step.CONFIRM  # a lost attempt's unit
+    assert settlement(Result.UNUSED, created=True) is Step.RELEASE
+    # Found, not made: an earlier attempt may still sell with it.
+    assert settlement(Result.UNUSED, created=False) is None
+    assert settlement(Result.UNKNOWN, created=True) is None
 
 
-def test_every_attempt_has_a_reservation_of_its_own() -> None:
-    assert reservation_id("u", "k", "a.1") != reservation_id("u", "k", "a.2")
+def test_the_sweeper_confirms_only_a_sale_made_with_this_reservation() -> None:
+    assert left_behind(100, 300, [200]) is Step.CONFIRM  # sold, then a retry moved it
+    assert left_behind(100, 300, []) is Step.ABANDON
+    # A sale under the same id before this reservation was made: confirmed already.
+    assert left_behind(100, 300, [50]) is Step.ABANDON
+    assert left_behind(0, 300, [300]) is Step.CONFIRM  # a state from before ``since``
+    assert left_behind(0, 300, [200]) is Step.ABANDON
+
+
+def test_a_reservation_is_the_user_key_and_request() -> None:
+    assert reservation_id("u", "k", "f1") == reservation_id("u", "k", "f1")
+    assert reservation_id("u", "k", "f1") != reservation_id("u", "k", "f2")
     step = SagaStep(Step.RESERVE, "stock:x", "u/k/a.1", 1, 5, "u", "k")
     assert step.then(Step.CONFIRM) == SagaStep(Step.CONFIRM, "stock:x", "u/k/a.1", 1, 5, "u", "k")
 
@@ -103,7 +115,7 @@ async def test_a_retry_reserving_after_the_original_confirmed_uses_no_second_uni
     reserves = 0
     box: dict[str, ShardHost] = {}
 
-    async def call(shard: int, version: int, steps: list[SagaStep]) -> list[int]:
+    async def call(shard: int, version: int, steps: list[SagaStep]) -> list[Answer]:
         nonlocal reserves
         if steps[0].step is Step.RESERVE:
             reserves += 1
@@ -161,7 +173,8 @@ async def test_the_sweeper_confirms_a_recorded_sale_and_releases_the_rest(
         deadline = 1_000  # long past
         sold = SagaStep(Step.RESERVE, entity, "sweeper-user/a/t.1", 1, deadline, user, "a")
         lost = SagaStep(Step.RESERVE, entity, "sweeper-user/b/t.2", 1, deadline, user, "b")
-        assert await host.apply_steps(host.catalog.version, [sold, lost]) == [deadline] * 2
+        granted = await host.apply_steps(host.catalog.version, [sold, lost])
+        assert granted == [Answer(deadline, created=True)] * 2
         await db.execute(
             "INSERT INTO reservation_outcomes (res, deadline, outcome) VALUES ($1, $2, 'sold')",
             sold.reservation,
@@ -205,7 +218,7 @@ async def test_settling_an_unknown_reservation_changes_nothing(
     async with hosts() as host:
         entity = allowance_id("stock", FOUNDERS)
         ghost = SagaStep(step, entity, "nobody/k/x.1", 1, 5, "nobody", "k")
-        assert await host.apply_steps(host.catalog.version, [ghost]) == [0]
+        assert await host.apply_steps(host.catalog.version, [ghost]) == [Answer(0)]
 
 
 async def test_a_reservation_whose_answer_was_lost_is_released(
@@ -214,11 +227,12 @@ async def test_a_reservation_whose_answer_was_lost_is_released(
     """Regression: when the allowance's shard reserved a unit but its answer
     was lost (it crashed), the request was answered unavailable and its
     retry reserved another unit: the first stayed held until the sweeper,
-    and the item sold out early (29 of 50 sold in tests/e2e/test_limited)."""
+    and the item sold out early (22-29 of 50 sold in tests/e2e/test_limited).
+    The retry now finds the first attempt's reservation and sells with it."""
     lost = [True]
     box: dict[str, ShardHost] = {}
 
-    async def call(shard: int, version: int, steps: list[SagaStep]) -> list[int]:
+    async def call(shard: int, version: int, steps: list[SagaStep]) -> list[Answer]:
         out = await box["host"].apply_steps(version, steps)
         if steps[0].step is Step.RESERVE and lost[0]:
             lost[0] = False
