@@ -41,7 +41,7 @@ import redis.asyncio as aioredis
 
 from actors.catalog import Catalog
 from actors.catalog_source import load_live_catalog
-from actors.events import Change, decode_change
+from actors.events import Change
 from actors.routing import user_channel
 from actors.saga import STEP_TIMEOUT, Answer, Hold, HoldState, Result, SagaStep, settlement
 from actors.shard.coordinator import SagaCoordinator, StepCaller
@@ -379,13 +379,12 @@ class ShardHost:
         them is not durable.  A key already in the journal gets its original
         reply (a duplicate resolves to that record); anything else was not
         applied."""
-        assert self._pool is not None
         wanted = [
             (user_id, key)
             for user_id, request in work.batch
             if user_id in rejected and (key := _key_of(request)) is not None
         ]
-        durable = await store.load_changes_by_key(self._pool, wanted) if wanted else {}
+        durable = await self.residents.read_keys(wanted)
         for i, (user_id, request) in enumerate(work.batch):
             if user_id not in rejected:
                 continue
@@ -393,15 +392,12 @@ class ShardHost:
                 work.results[i] = Result.UNUSED
             reply: bytes | Reply = error_reply(request.rid, ErrorCode.UNAVAILABLE, NOT_APPLIED)
             key = _key_of(request)
-            data = durable.get((user_id, key)) if key is not None else None
-            if data is not None:
-                change = decode_change(data)
-                if change.fingerprint is not None and change.reply is not None:
-                    record = KeyRecord(change.fingerprint, change.reply, change.version)
-                    try:
-                        reply = replay(record, request)  # type: ignore[arg-type]
-                    except RequestError as exc:
-                        reply = error_reply(request.rid, exc.code, exc.message)
+            record = durable.get((user_id, key)) if key is not None else None
+            if record is not None:
+                try:
+                    reply = replay(record, request)  # type: ignore[arg-type]
+                except RequestError as exc:
+                    reply = error_reply(request.rid, exc.code, exc.message)
             work.replies[i] = reply
 
     def _durable(self, records: list[JournalRecord], rejected: frozenset[str]) -> None:

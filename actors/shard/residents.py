@@ -176,11 +176,15 @@ class Residents:
             state = self.users.get(user)
             if state is not None and not state.keys_complete and key not in state.keys:
                 missing.append((user, key))
-        if not missing:
+        return await self.read_keys(missing)
+
+    async def read_keys(self, wanted: list[tuple[str, str]]) -> dict[tuple[str, str], KeyRecord]:
+        """Idempotency records of these (user, scoped key) pairs in the journal."""
+        if not wanted:
             return {}
         assert self._pool is not None
         found: dict[tuple[str, str], KeyRecord] = {}
-        for pair, data in (await store.load_changes_by_key(self._pool, missing)).items():
+        for pair, data in (await store.load_changes_by_key(self._pool, wanted)).items():
             change = decode_change(data)
             if change.fingerprint and change.reply is not None:
                 found[pair] = KeyRecord(change.fingerprint, change.reply, change.version)
