@@ -37,7 +37,7 @@ import tempfile
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,6 +296,35 @@ async def _sigterm(server: ChaosServer) -> None:
     await asyncio.to_thread(server.start)
 
 
+async def cluster_command(server: ChaosServer, *words: str) -> str:
+    """Run ``loadout cluster ...`` against the server, as an operator does;
+    its output (raises if it fails)."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "server.cli", "cluster", *words],
+        env=server.env(), capture_output=True, text=True, timeout=180,
+        cwd=server.data_dir.parent,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"cluster {' '.join(words)}: {done.returncode} {done.stderr[-3000:]}")
+    return done.stdout
+
+
+def scaling(counts: Sequence[int], seen: list[str] | None = None) -> list[Fault]:
+    """Live moves instead of faults: ``loadout cluster scale N`` for each N
+    (each command's output is added to ``seen``)."""
+
+    def scale(count: int) -> Callable[[ChaosServer], Awaitable[None]]:
+        async def run(server: ChaosServer) -> None:
+            out = await cluster_command(server, "scale", str(count))
+            if seen is not None:
+                seen.append(out)
+
+        return run
+
+    return [(f"scale {n}", scale(n)) for n in counts]
+
+
 FAULTS: list[Fault] = [
     ("shard", lambda s: _kill_first(s, "ray::ShardActor")),
     ("redis", lambda s: _kill_first(s, "redis-server", direct=True)),
@@ -312,8 +341,10 @@ async def run_chaos(
     rounds: int = 1,
     spacing: float = 12.0,
     log: Callable[[str], None] = print,
+    faults: Sequence[Fault] | None = None,
 ) -> ChaosReport:
-    """Run the faults ``rounds`` times, ``spacing`` seconds apart, under load."""
+    """Run the faults (by default ``FAULTS``) ``rounds`` times, ``spacing``
+    seconds apart, under load."""
     server = ChaosServer(data_dir, data_dir.parent / "chaos-server.log")
     await asyncio.to_thread(server.start)
     report = ChaosReport()
@@ -341,7 +372,7 @@ async def run_chaos(
         tasks = [asyncio.create_task(c.run(stop)) for c in clients]
         await asyncio.sleep(spacing)
         for round_ in range(rounds):
-            for name, fault in FAULTS:
+            for name, fault in FAULTS if faults is None else faults:
                 log(f"round {round_ + 1}: {name}")
                 began = time.monotonic()
                 await fault(server)  # a kill; or a stop, or a crash, and a new start
@@ -450,12 +481,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=12, help="retrying clients (default 12)")
     parser.add_argument("--spacing", type=float, default=12.0, help="seconds between faults")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
+    parser.add_argument(
+        "--scale",
+        metavar="N,N,...",
+        help="instead of faults, scale live to each shard count in turn (e.g. 4,3,2)",
+    )
     args = parser.parse_args(argv)
-    rounds = max(1, int(args.minutes * 60 / (args.spacing * (len(FAULTS) + 1))))
+    faults = scaling([int(n) for n in args.scale.split(",")]) if args.scale else FAULTS
+    rounds = max(1, int(args.minutes * 60 / (args.spacing * (len(faults) + 1))))
     data_dir = Path(tempfile.mkdtemp(prefix="loadout-chaos-")) / "data"
     data_dir.mkdir()
     started = time.monotonic()
-    report = asyncio.run(run_chaos(data_dir, users=args.users, rounds=rounds, spacing=args.spacing))
+    report = asyncio.run(
+        run_chaos(data_dir, users=args.users, rounds=rounds, spacing=args.spacing, faults=faults)
+    )
     took = time.monotonic() - started
     figures = {
         "minutes": round(took / 60, 1), "rounds": rounds, "acknowledged": report.acknowledged,

@@ -10,11 +10,14 @@ on a busy 2-core machine cost more than the copying saves at these sizes.)  Whil
 flush is in flight the next one fills, so a busy journal commits big batches
 and an idle one commits at once.
 
-Each flush is fenced twice (DESIGN.md, "Three facts about Ray"):
+Each flush is fenced three times (DESIGN.md, "Three facts about Ray"):
 
 * the shard's epoch must still be the current one in ``shard_epochs``
   (read ``FOR SHARE``, so a new owner taking the epoch waits for a flush in
   flight and every later flush of the old owner fails);
+* each entity's partition must still be the shard's in the partition map
+  (read ``FOR SHARE`` too, so a move waits for the flush; an entity of a
+  partition moved away is rejected);
 * each entity's row must still have the version this writer read.
 
 What cannot be written as it is belongs to one entity, and only that entity
@@ -128,8 +131,10 @@ class Journal:
         max_records: int = 5000,
         interval: float = 0.0,
         on_fenced: Callable[[], None] = lambda: None,
+        partition_of: Callable[[str], int] = lambda entity: 0,
     ) -> None:
         self._on_fenced = on_fenced
+        self._partition_of = partition_of
         self._pool = pool
         self._shard = shard
         self._epoch = epoch
@@ -314,6 +319,7 @@ class Journal:
                 [rows[u].balance for u in users],
                 [rows[u].state for u in users],
                 [rows[u].next_expiry for u in users],
+                [self._partition_of(u) for u in users],
                 *_columns(outcomes, 4),
             )
         except asyncpg.PostgresError as exc:
@@ -340,7 +346,7 @@ def _unsound(records: list[JournalRecord], rows: dict[str, UserRow]) -> set[str]
     return unsound
 
 
-_FLUSH = "SELECT loadout_flush(" + ", ".join(f"${i}" for i in range(1, 28)) + ")"
+_FLUSH = "SELECT loadout_flush(" + ", ".join(f"${i}" for i in range(1, 29)) + ")"
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

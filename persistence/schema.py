@@ -26,6 +26,12 @@ Tables:
                      SQL and for the retired-item lookup.
 ``reservation_outcomes`` how each reservation of a limited item or promo
                      code ended (sold or released): once.
+``cluster_settings`` what every process of the cluster must agree on (the
+                     partition count, a digest of the secret).
+``cluster_map``,     the partition map: which shard owns each partition, and
+``partition_map``    the epoch of the map (bumped by every change) and of each
+                     partition's last move.  A flush writes an entity only
+                     while the map gives its partition to the writing shard.
 """
 
 from __future__ import annotations
@@ -128,6 +134,25 @@ MIGRATIONS: list[str] = [
     DROP TABLE IF EXISTS lock_equipped, lock_profiles, lock_grants, lock_ledger,
         lock_inventory, lock_purchases, lock_wallets;
     """,
+    # 7: partitions (PROTOCOL.md §13): the settings every process of a cluster
+    # must agree on, and the map of partitions to shards with its epoch.
+    """
+    CREATE TABLE cluster_settings (
+        name        text PRIMARY KEY,
+        value       text NOT NULL
+    );
+    CREATE TABLE cluster_map (
+        one         boolean PRIMARY KEY DEFAULT true CHECK (one),
+        epoch       bigint NOT NULL,
+        partitions  integer NOT NULL CHECK (partitions >= 1),
+        updated_at  timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE partition_map (
+        partition   integer PRIMARY KEY CHECK (partition >= 0),
+        shard       integer NOT NULL,
+        epoch       bigint NOT NULL
+    );
+    """,
 ]
 
 #: The journal flush in one statement, so one round trip and one transaction
@@ -148,12 +173,13 @@ CREATE FUNCTION loadout_flush(
     l_user text[], l_seq bigint[], l_at bigint[], l_kind text[], l_amount bigint[],
     l_balance bigint[], l_sku text[], l_quantity integer[], l_key text[],
     u_user text[], u_base bigint[], u_version bigint[], u_balance bigint[], u_state bytea[],
-    u_next_expiry bigint[],
+    u_next_expiry bigint[], u_partition integer[],
     o_user text[], o_res text[], o_deadline bigint[], o_outcome text[]
 ) RETURNS text[] LANGUAGE plpgsql AS $$
 DECLARE
     owner bigint;
-    rejected text[] := '{}';
+    elsewhere text[];
+    rejected text[];
     checked boolean := false;
     moved integer;
 BEGIN
@@ -162,6 +188,16 @@ BEGIN
         RAISE EXCEPTION 'shard % epoch % was replaced by epoch %', p_shard, p_epoch, owner
             USING ERRCODE = 'LF001';
     END IF;
+    -- The partitions written here stay with this shard until the commit (a
+    -- move waits); entities of partitions the map gives to another shard are
+    -- left out (a move this shard did not hand over: it is fenced out).
+    PERFORM 1 FROM partition_map WHERE partition = ANY (u_partition)
+      ORDER BY partition FOR SHARE;
+    elsewhere := ARRAY(
+        SELECT n.user_id FROM unnest(u_user, u_partition) AS n(user_id, part)
+          JOIN partition_map m ON m.partition = n.part
+         WHERE m.shard <> p_shard);
+    rejected := elsewhere;
     LOOP
         BEGIN
             INSERT INTO reservation_outcomes (res, deadline, outcome)
@@ -205,7 +241,7 @@ BEGIN
             END IF;
         END;
         checked := true;
-        rejected := ARRAY(
+        rejected := elsewhere || ARRAY(
             -- a key the entity used before (a replay applied as new), or twice here
             SELECT r.user_id FROM unnest(j_user, j_key) AS r(user_id, key)
              WHERE r.key IS NOT NULL AND EXISTS (

@@ -32,8 +32,9 @@ from actors.shard.host import ShardSettings
 from persistence import store
 from persistence.embedded import EmbeddedPostgres, EmbeddedRedis
 from persistence.schema import migrate
+from server import cluster
 from server.admission import FD_HEADROOM, raise_fd_limit
-from server.batching import Backend, ShardBatcher, ShardRouter
+from server.batching import Backend, ShardBatcher
 from server.config import Settings
 from server.gateway import Gateway, GatewayLimits
 from server.http import HttpServer
@@ -41,6 +42,7 @@ from server.metrics import Metrics
 from server.pushes import PushFanout
 from server.ratelimit import RateLimiter
 from server.readiness import Readiness
+from server.router import ShardRouter
 from server.supervision import Supervisor, lock_data_dir
 
 __all__ = ["BackendFactory", "CatalogHolder", "Services", "read_services", "run_server"]
@@ -68,6 +70,16 @@ class Services:
 
 def _services_file(data_dir: Path) -> Path:
     return data_dir / "run" / "services.json"
+
+
+def _note_service(data_dir: Path, name: str, value: str) -> None:
+    """Add an address to the services file (for the operator's commands)."""
+    found = read_services(data_dir) or {}
+    found[name] = value
+    path = _services_file(data_dir)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(found, f)
 
 
 def read_services(data_dir: Path) -> dict[str, Any] | None:
@@ -179,6 +191,7 @@ def start_ray(settings: Settings) -> bool:
         logging_level=logging.WARNING,
         _temp_dir=str(ray_temp_dir(settings.data_dir)),
     )
+    _note_service(settings.data_dir, "ray_address", ray.get_runtime_context().gcs_address)
     address = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
     if address not in ("127.0.0.1", "::1"):
         log.warning(
@@ -263,45 +276,46 @@ async def serve_async(
         if backend_factory is not None:
             backend = await backend_factory(settings, services, redis, holder)
         else:
-            shard_settings = [
-                ShardSettings(
-                    shard=i,
+            first = await cluster.join(pool, settings)
+
+            def shard_settings(shard: int) -> ShardSettings:
+                return ShardSettings(
+                    shard=shard,
                     database_url=services.database_url,
                     redis_url=services.redis_url,
                     starting_balance=settings.starting_balance,
                     idle_seconds=settings.idle_seconds,
                     flush_interval=settings.flush_interval_ms / 1000,
-                    shards=settings.shards,
                 )
-                for i in range(settings.shards)
-            ]
 
-            def handles_of(chosen: list[ShardSettings]) -> list[Any]:
-                """The shard actors by name (made if missing, e.g. killed for good)."""
+            def handle_of(shard: int) -> Any:
+                """The shard actor by name (made if missing: new, or killed for good)."""
                 return shard_handles(
-                    chosen,
+                    [shard_settings(shard)],
                     namespace=settings.ray_namespace,
                     detached=not services.ray_local,
                     log_level=logging.getLevelName(settings.log_level),
                     services_file=str(_services_file(settings.data_dir).resolve()),
-                )
+                    nodes=placed,
+                )[0]
 
-            handles = handles_of(shard_settings)
+            placed = cluster.place(first.shards())
+            handles = [handle_of(shard) for shard in first.shards()]
             for handle in handles:
                 await handle.start.remote()
             if services.ray_local:
                 record_ray_processes(settings.data_dir, {c.pid or 0 for c in services.embedded})
-            batchers = [
-                ShardBatcher(
-                    i,
-                    h,
+
+            def make_batcher(shard: int) -> ShardBatcher:
+                return ShardBatcher(
+                    shard,
+                    handle_of(shard),
                     lambda: holder.catalog.version,
                     on_batch=metrics.batches.observe,
-                    resolve=functools.partial(lambda s: handles_of([s])[0], shard_settings[i]),
+                    resolve=functools.partial(handle_of, shard),
                 )
-                for i, h in enumerate(handles)
-            ]
-            router = ShardRouter(batchers)
+
+            router = ShardRouter(first, make_batcher, functools.partial(cluster.read_map, pool))
             await router.start(wait=60.0)
             backend = router
         limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 import msgspec
 
-from actors.routing import shard_of
 from actors.saga import STEP_TIMEOUT
 from actors.shard.link import (
     MAX_FRAME,
@@ -38,10 +37,10 @@ from actors.shard.link import (
     open_link,
     unavailable,
 )
-from actors.shard.records import BatchItem, ShardRequest
+from actors.shard.records import MOVED, BatchItem, ShardRequest
 from persistence.store import STATEMENT_TIMEOUT
 
-__all__ = ["Answer", "Backend", "ShardBatcher", "ShardBusy", "ShardRouter"]
+__all__ = ["Answer", "Backend", "ShardBatcher", "ShardBusy"]
 
 log = logging.getLogger("loadout.batching")
 
@@ -113,17 +112,36 @@ class ShardBatcher:
         self._idle.set()
         self.batches = 0
         self.requests = 0
+        #: Requests queued here so far (``answered``: how many of them have their reply).
+        self.submitted = 0
+        #: Hears of each request the shard answered ``MOVED`` (not applied).
+        self.on_moved: Callable[[int, BatchItem, Answer], None] | None = None
+        #: The partition map's epoch the gateway routes by (sent with each batch).
+        self.map_epoch: Callable[[], int] = lambda: 0
+
+    @property
+    def answered(self) -> int:
+        """Requests submitted that have had their reply (replies go in order)."""
+        flying = len(self._in_flight.items) if self._in_flight is not None else 0
+        return self.submitted - len(self._items) - flying
+
+    def connect(self) -> None:
+        """Start linking to the shard (requests queue meanwhile)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._connecting = self._loop.create_task(self._connect(), name=f"link-{self.shard}")
 
     async def start(self, wait: float | None = None) -> None:
         """Connect to the shard (waiting at most ``wait`` seconds, by default
         the timeout, for the first link)."""
-        self._loop = asyncio.get_running_loop()
-        self._connecting = self._loop.create_task(self._connect(), name=f"link-{self.shard}")
+        self.connect()
+        assert self._connecting is not None or self._link is not None
         wait = self._timeout if wait is None else wait
         try:
             await asyncio.wait_for(self._linked.wait(), wait)
         except TimeoutError:
-            self._connecting.cancel()
+            if self._connecting is not None:
+                self._connecting.cancel()
             raise ConnectionError(f"shard {self.shard} took no link in {wait} s") from None
 
     @property
@@ -157,6 +175,7 @@ class ShardBatcher:
             return reply(unavailable(request.rid, "the shard is not reachable; retry"))
         self._items.append((user_id, request))
         self._replies.append(reply)
+        self.submitted += 1
         self._idle.clear()
         if self._in_flight is None and not self._send_scheduled:
             # Send at the end of this loop turn, with whatever else arrives in it.
@@ -254,7 +273,7 @@ class ShardBatcher:
         size = min(self._max_batch, len(self._items))
         try:
             while True:
-                data = encode_batch(self._catalog_version(), self._items[:size])
+                data = encode_batch(self._catalog_version(), self._items[:size], self.map_epoch())
                 if len(data) <= MAX_FRAME or size == 1:
                     break
                 size //= 2  # too big for one frame: send the first half first
@@ -286,8 +305,15 @@ class ShardBatcher:
         except (msgspec.DecodeError, ValueError) as exc:
             return link.abort(f"bad reply: {exc}")
         self._finish(batch)
-        for reply, data in zip(batch.replies, replies, strict=True):
-            _call(reply, data)
+        on_moved = self.on_moved
+        for item, reply, data in zip(batch.items, batch.replies, replies, strict=True):
+            if data == MOVED:  # not applied: the router sends it where the map says
+                if on_moved is not None:
+                    on_moved(self.shard, item, reply)
+                else:
+                    _call(reply, unavailable(item[1].rid, "the shard moved; retry"))
+            else:
+                _call(reply, data)
         self._send()
 
     def _time_out(self, batch: _Batch) -> None:
@@ -333,23 +359,3 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-class ShardRouter:
-    """The actor core: each user's requests go to the batcher of its shard."""
-
-    def __init__(self, batchers: list[ShardBatcher]) -> None:
-        self.batchers = batchers
-
-    async def start(self, wait: float | None = None) -> None:
-        await asyncio.gather(*(batcher.start(wait) for batcher in self.batchers))
-
-    def submit(self, user_id: str, request: ShardRequest, reply: Answer) -> None:
-        self.batchers[shard_of(user_id, len(self.batchers))].submit(user_id, request, reply)
-
-    async def drain(self) -> None:
-        await asyncio.gather(*(b.drain() for b in self.batchers))
-
-    async def close(self) -> None:
-        for batcher in self.batchers:
-            await batcher.close()

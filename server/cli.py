@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from protocol.messages import Role
+from server import cluster_cli
 from server.config import ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -394,6 +395,7 @@ def _parser() -> argparse.ArgumentParser:
         ' "detail"}]}',
     )
     verify.set_defaults(run=_cmd_verify)
+    cluster_cli.register(commands)
     for entry in entry_points(group=COMMANDS_GROUP):
         try:
             register = entry.load()

@@ -53,6 +53,8 @@ class Settings:
     secret: str = field(default="", repr=False)
     starting_balance: int = 0
     shards: int = 2
+    #: Partitions of a new cluster (None: the cluster's, or 256 for a new one).
+    partitions: int | None = None
     ray_namespace: str = "loadout"
     rate_per_second: float = 100.0
     rate_burst: int = 200
@@ -88,6 +90,11 @@ class Settings:
             secret=env.get("LOADOUT_SECRET") or "",
             starting_balance=_number(env, "LOADOUT_STARTING_BALANCE", 0, 0, 2**53 - 1),
             shards=_number(env, "LOADOUT_SHARDS", 2, 1, 1024),
+            partitions=(
+                _number(env, "LOADOUT_PARTITIONS", 256, 1, 65_536)
+                if env.get("LOADOUT_PARTITIONS")
+                else None
+            ),
             ray_namespace=env.get("LOADOUT_RAY_NAMESPACE") or "loadout",
             rate_per_second=_number(env, "LOADOUT_RATE_PER_SECOND", 100.0, 0.1, 1e9),
             rate_burst=_number(env, "LOADOUT_RATE_BURST", 200, 1, 10**9),

@@ -153,6 +153,18 @@ class ShardActor:
         host = await self._ready()
         return await host.apply_steps(catalog_version, steps)
 
+    async def release(self, partitions: list[int]) -> list[int]:
+        """Hand these partitions over (``ShardHost.release``): returns those it had."""
+        host = await self._ready()
+        return await host.release(partitions)
+
+    async def adopt(self, map_epoch: int) -> dict[str, Any]:
+        """Read the partition map if it is newer than ours; our stats after."""
+        host = await self._ready()
+        if map_epoch > host.ownership.epoch:
+            await host.reload_map()
+        return await self.stats()
+
     async def _call_shard(
         self, shard: int, catalog_version: int, steps: list[SagaStep]
     ) -> list[Answer]:
@@ -166,14 +178,24 @@ class ShardActor:
         if peer is None:
             namespace = ray.get_runtime_context().namespace
             peer = self._peers[shard] = ray.get_actor(shard_name(shard), namespace=namespace)
-        result: list[Answer] = await asyncio.wait_for(
-            peer.apply_steps.remote(catalog_version, steps), STEP_TIMEOUT
-        )
+        try:
+            result: list[Answer] = await asyncio.wait_for(
+                peer.apply_steps.remote(catalog_version, steps), STEP_TIMEOUT
+            )
+        except Exception:
+            self._peers.pop(shard, None)  # retired, or restarted: look it up again
+            raise
         return result
 
     async def stats(self) -> dict[str, Any]:
         host = await self._ready()
-        return {**host.stats(), "pid": os.getpid()}
+        context = ray.get_runtime_context()
+        return {
+            **host.stats(),
+            "pid": os.getpid(),
+            "node": context.get_node_id(),
+            "address": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+        }
 
     async def close(self) -> None:
         await self._link.close()
@@ -209,10 +231,15 @@ def shard_handles(
     detached: bool,
     log_level: int = logging.INFO,
     services_file: str | None = None,
+    nodes: dict[int, str] | None = None,
 ) -> list[Any]:
     """Get or create the named shard actors (``num_cpus=0``: they mostly wait
     on I/O, and a 2-core machine can still host several).  The settings'
-    URLs are left out of the actors' arguments (``connections``)."""
+    URLs are left out of the actors' arguments (``connections``).  A shard
+    made here goes to its node in ``nodes`` if given (softly: if that node
+    is gone, Ray places it, and restarts it, elsewhere)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     remote = ray.remote(ShardActor)
     handles = []
     for s in settings:
@@ -229,5 +256,8 @@ def shard_handles(
             options["namespace"] = namespace
         if detached:
             options["lifetime"] = "detached"
+        node = (nodes or {}).get(s.shard)
+        if node is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
         handles.append(remote.options(**options).remote(s, log_level, services_file))
     return handles

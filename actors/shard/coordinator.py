@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from actors import allowance as allowances
 from actors.allowance import allowance_id
 from actors.catalog import Catalog
-from actors.routing import STOCK_LEFT_KEY, shard_index, stock_channel
+from actors.routing import STOCK_LEFT_KEY, stock_channel
 from actors.saga import (
     RESERVATION_MS,
     SETTLE_AFTER_MS,
@@ -36,6 +36,7 @@ from actors.saga import (
     needs_reservation,
     reservation_id,
 )
+from actors.shard.ownership import Ownership
 from actors.shard.records import BatchItem
 from actors.shard.residents import Residents, allowance_encoder
 from actors.user import KeyRecord, fingerprint, scoped_key
@@ -43,7 +44,7 @@ from persistence import store
 from persistence.journal import Journal, JournalError, JournalRecord
 from protocol.messages import Purchase, Redeem
 
-__all__ = ["SagaCoordinator", "StepCaller"]
+__all__ = ["Moved", "SagaCoordinator", "StepCaller"]
 
 log = logging.getLogger("loadout.shard")
 
@@ -53,6 +54,10 @@ StepCaller = Callable[[int, int, list[SagaStep]], Awaitable[list[Answer]]]
 _REFUSED = Answer(0)
 
 
+class Moved(JournalError):
+    """Steps for allowances of partitions this shard does not serve: not applied."""
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -60,15 +65,14 @@ def _now_ms() -> int:
 class SagaCoordinator:
     def __init__(
         self,
-        shard: int,
-        shards: int,
+        ownership: Ownership,
         residents: Residents,
         catalog: Callable[[], Catalog],
         refresh_catalog: Callable[[int], Awaitable[None]],
         call: StepCaller,
         background: Callable[[Coroutine[Any, Any, None]], None],
     ) -> None:
-        self._shard, self._shards = shard, shards
+        self._ownership = ownership
         self._residents = residents
         self._catalog = catalog
         self._refresh_catalog = refresh_catalog
@@ -105,7 +109,7 @@ class SagaCoordinator:
                 Step.RESERVE, need.allowance, res, need.quantity, now + RESERVATION_MS,
                 user_id, request.key,
             )  # fmt: skip
-            wanted.setdefault(shard_index(need.allowance, self._shards), []).append((i, step))
+            wanted.setdefault(self._ownership.owner(need.allowance), []).append((i, step))
         holds: dict[int, Hold] = {}
         if not wanted:
             return holds
@@ -115,6 +119,7 @@ class SagaCoordinator:
                 answers = await self._call(shard, catalog.version, [step for _, step in items])
             except Exception as exc:
                 log.warning("allowance shard %d did not answer: %r", shard, exc)
+                self._background(_refresh(self._ownership))  # it may have moved
                 for i, step in items:
                     holds[i] = Hold(HoldState.UNREACHABLE, step)
                 return
@@ -140,7 +145,7 @@ class SagaCoordinator:
     async def _settle(self, steps: list[SagaStep]) -> None:
         by_shard: dict[int, list[SagaStep]] = {}
         for step in steps:
-            by_shard.setdefault(shard_index(step.allowance, self._shards), []).append(step)
+            by_shard.setdefault(self._ownership.owner(step.allowance), []).append(step)
         for shard, items in by_shard.items():
             try:
                 await self._call(shard, self._catalog().version, items)
@@ -169,6 +174,9 @@ class SagaCoordinator:
         assert journal is not None
         if journal.fenced:
             raise JournalError("this shard has a newer owner")
+        elsewhere = sorted({s.allowance for s in steps if not self._ownership.serves(s.allowance)})
+        if elsewhere:
+            raise Moved(f"not served here (moved or moving): {elsewhere[:3]}")
         await self._refresh_catalog(catalog_version)
         entities = {s.allowance for s in steps}
         self._residents.hold(entities)
@@ -179,6 +187,11 @@ class SagaCoordinator:
         finally:
             self._residents.release(entities)
         rejected = await written
+        if rejected:
+            await self._ownership.refresh()
+            moved = sorted(e for e in rejected if not self._ownership.serves(e))
+            if moved:  # the caller learns the steps did not happen, and retries
+                raise Moved(f"moved while applying: {moved[:3]}")
         if rejected:  # their steps did not happen: nothing was reserved
             results = [
                 _REFUSED if s.allowance in rejected else r
@@ -245,6 +258,7 @@ class SagaCoordinator:
         stale = [
             (entity, res, r)
             for entity, held in list(self._residents.allowances.items())
+            if self._ownership.serves(entity)
             for res, r in held.state.reservations.items()
             if r.deadline + SETTLE_AFTER_MS < now
         ]
@@ -269,8 +283,7 @@ class SagaCoordinator:
         ids = {
             allowance_id("stock", sku)
             for sku, item in self._catalog().items.items()
-            if item.stock is not None
-            and shard_index(allowance_id("stock", sku), self._shards) == self._shard
+            if item.stock is not None and self._ownership.serves(allowance_id("stock", sku))
         }
         if not ids:
             return
@@ -300,3 +313,10 @@ class SagaCoordinator:
         if item is None or item.stock is None:
             return None
         return item.stock if held is None else allowances.left(held.state, item.stock)
+
+
+async def _refresh(ownership: Ownership) -> None:
+    try:
+        await ownership.refresh()
+    except Exception as exc:
+        log.warning("could not read the partition map: %r", exc)

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from actors.routing import shard_index
 from actors.user import UserState, next_expiry
 from persistence import store
 
@@ -35,9 +34,9 @@ class ExpiryScheduler:
     """When each user's next time-limited item is due; stale entries are harmless."""
 
     def __init__(
-        self, shard: int, shards: int, expire: Callable[[set[str]], Awaitable[None]]
+        self, serves: Callable[[str], bool], expire: Callable[[set[str]], Awaitable[None]]
     ) -> None:
-        self._shard, self._shards = shard, shards
+        self._serves = serves
         self._expire = expire
         self._heap: list[tuple[int, str]] = []
         self._next_due: dict[str, int] = {}
@@ -54,16 +53,20 @@ class ExpiryScheduler:
         heapq.heappush(self._heap, (when, user_id))
         self._wake.set()
 
+    async def load_once(self, pool: asyncpg.Pool) -> None:
+        """Schedule the expiries of the users this shard serves due within the
+        next day, resident or not (so a restart or a move loses none)."""
+        for user_id, when in await store.load_due_expiries(pool, _now_ms() + _HORIZON_MS):
+            if ":" in user_id or not self._serves(user_id):
+                continue
+            if self._next_due.get(user_id, when + 1) > when:
+                self._push(user_id, when)
+
     async def load_due(self, pool: asyncpg.Pool) -> None:
-        """Schedule the expiries of this shard's users due within the next day,
-        resident or not (so a restart loses none), then again every hour."""
+        """``load_once`` now, then again every hour."""
         while True:
             try:
-                for user_id, when in await store.load_due_expiries(pool, _now_ms() + _HORIZON_MS):
-                    if shard_index(user_id, self._shards) != self._shard or ":" in user_id:
-                        continue
-                    if self._next_due.get(user_id, when + 1) > when:
-                        self._push(user_id, when)
+                await self.load_once(pool)
             except Exception as exc:
                 log.warning("could not load due expiries: %r; retrying", exc)
                 await asyncio.sleep(10)

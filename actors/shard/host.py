@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,12 +42,14 @@ import redis.asyncio as aioredis
 from actors.catalog import Catalog
 from actors.catalog_source import load_live_catalog
 from actors.events import Change
+from actors.partitions import PartitionMap
 from actors.routing import user_channel
 from actors.saga import STEP_TIMEOUT, Answer, Hold, HoldState, Result, SagaStep, settlement
 from actors.shard.coordinator import SagaCoordinator, StepCaller
 from actors.shard.expiry import ExpiryScheduler
 from actors.shard.history import HistoryPage, complete_history, page_from_memory
-from actors.shard.records import BatchItem, ShardRequest, error_reply, record_of
+from actors.shard.ownership import Ownership
+from actors.shard.records import MOVED, BatchItem, ShardRequest, error_reply, record_of
 from actors.shard.residents import Residents
 from actors.user import (
     KeyRecord,
@@ -59,7 +61,7 @@ from actors.user import (
     scoped_key,
 )
 from actors.user import pushes as user_pushes
-from persistence import store
+from persistence import cluster, store
 from persistence.journal import Journal, JournalError, JournalRecord
 from persistence.publisher import PushPublisher
 from protocol.errors import ErrorCode, RequestError
@@ -82,6 +84,8 @@ UNKNOWN_OUTCOME = (
 )
 #: ...and when it is known that the request was not applied.
 NOT_APPLIED = "the request was not applied; retry with the same key"
+#: How often a shard reads the map's epoch (batches carry the gateways').
+MAP_POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,6 @@ class ShardSettings:
     flush_interval: float = 0.0
     pool_size: int = 4
     push_queue: int = 10_000
-    shards: int = 1
 
 
 def _now_ms() -> int:
@@ -128,10 +131,11 @@ class ShardHost:
         self.residents = Residents(
             settings.starting_balance, settings.idle_seconds, settings.max_users
         )
-        self.expiry = ExpiryScheduler(settings.shard, settings.shards, self._expire_users)
+        self.ownership = Ownership(settings.shard)
+        self.ownership.refresh = self.reload_map
+        self.expiry = ExpiryScheduler(self.ownership.serves, self._expire_users)
         self.saga = SagaCoordinator(
-            settings.shard,
-            settings.shards,
+            self.ownership,
             self.residents,
             lambda: self.catalog,
             self.refresh_catalog,
@@ -145,6 +149,9 @@ class ShardHost:
         self._tasks: list[asyncio.Task[None]] = []
         self._encoder = msgspec.msgpack.Encoder()
         self.epoch = 0
+        #: Batches, saga steps and expiries applying now (a hand-over waits for them).
+        self._busy: set[asyncio.Future[None]] = set()
+        self._reloading: asyncio.Future[None] | None = None
         #: Called once if a newer owner fences this shard out (the actor retires).
         self.on_fenced: Callable[[], None] = lambda: None
 
@@ -159,6 +166,7 @@ class ShardHost:
             self._redis = aioredis.from_url(s.redis_url)
             self.epoch = await store.acquire_epoch(self._pool, s.shard)
             self.catalog = await load_live_catalog(self._pool)
+            await self._load_map()
         except BaseException:
             await self._disconnect()
             raise
@@ -170,6 +178,7 @@ class ShardHost:
             self.residents.forget,
             interval=s.flush_interval,
             on_fenced=lambda: self.on_fenced(),
+            partition_of=self.ownership.partition,
         )
         self._journal.start()
         self.residents.attach(self._pool, self._journal)
@@ -181,10 +190,13 @@ class ShardHost:
             asyncio.create_task(self.expiry.run(), name="expiry"),
             asyncio.create_task(self.expiry.load_due(self._pool), name="due-expiries"),
             asyncio.create_task(self.saga.sweep_left_behind(), name="settle"),
+            asyncio.create_task(self._follow_map(), name="map"),
         ]
         log.info(
-            "shard %d started with epoch %d, catalog v%d", s.shard, self.epoch, self.catalog.version
-        )
+            "shard %d started with epoch %d, catalog v%d, map epoch %d (%d partitions)",
+            s.shard, self.epoch, self.catalog.version, self.ownership.epoch,
+            len(self.ownership.owned),
+        )  # fmt: skip
         self._background(self.saga.announce_all_stock())
 
     async def close(self) -> None:
@@ -224,6 +236,9 @@ class ShardHost:
             "rejections": journal.rejections if journal else 0,
             "fenced": journal.fenced if journal else False,
             "dropped_pushes": self._pushes.dropped if self._pushes else 0,
+            "map_epoch": self.ownership.epoch,
+            "partitions": sorted(self.ownership.owned),
+            "leaving": sorted(self.ownership.leaving),
         }
 
     def stock_left(self, sku: str) -> int | None:
@@ -231,7 +246,8 @@ class ShardHost:
 
     async def apply_steps(self, catalog_version: int, steps: list[SagaStep]) -> list[Answer]:
         """Saga steps on allowances hosted here (from this shard or a peer)."""
-        return await self.saga.apply_steps(catalog_version, steps)
+        with self._applying():
+            return await self.saga.apply_steps(catalog_version, steps)
 
     async def _call_self(self, shard: int, version: int, steps: list[SagaStep]) -> list[Answer]:
         return await asyncio.wait_for(self.apply_steps(version, steps), STEP_TIMEOUT)
@@ -256,10 +272,91 @@ class ShardHost:
             await asyncio.sleep(min(10.0, self.settings.idle_seconds / 2))
             self.residents.passivate(time.monotonic())
 
+    # ------------------------------------------------------------ partitions
+
+    async def _load_map(self) -> None:
+        assert self._pool is not None
+        row = await cluster.load_map(self._pool)
+        if row is None:
+            return
+        gained, lost = self.ownership.install(PartitionMap(row.epoch, row.owners))
+        if lost:
+            # Moved away without a hand-over (this shard was thought lost):
+            # whatever it holds of them may be stale.
+            self._drop(lost)
+        if gained and self._journal is not None:
+            self._background(self.expiry.load_once(self._pool))
+            self._background(self.saga.announce_all_stock())
+
+    async def reload_map(self) -> None:
+        """Read the partition map again (one read at a time; callers share it)."""
+        if self._reloading is None:
+            self._reloading = asyncio.ensure_future(self._load_map())
+            self._reloading.add_done_callback(lambda _: setattr(self, "_reloading", None))
+        await asyncio.shield(self._reloading)
+
+    async def _follow_map(self) -> None:
+        """Poll the map's epoch; batches carry the gateways' epoch too."""
+        while True:
+            await asyncio.sleep(MAP_POLL_SECONDS)
+            try:
+                assert self._pool is not None
+                if await cluster.load_epoch(self._pool) > self.ownership.epoch:
+                    await self.reload_map()
+            except Exception as exc:
+                log.warning("could not read the partition map: %r", exc)
+
+    async def release(self, partitions: list[int]) -> list[int]:
+        """Hand these partitions over: stop serving them, let what is applying
+        finish, make it durable, and drop their entities from memory.  The
+        caller then gives them to another shard in the map."""
+        mine = self.ownership.leave(partitions)
+        if self._busy:
+            await asyncio.wait(list(self._busy))
+        if self._journal is not None:
+            await self._journal.drain()
+        self._drop(mine)
+        return sorted(mine)
+
+    def _drop(self, partitions: frozenset[int]) -> None:
+        entities = self.ownership.of(
+            [*self.residents.users, *self.residents.allowances], partitions
+        )
+        if entities and self._journal is not None:
+            self._journal.purge(entities)
+        self.residents.forget(entities)
+
+    @contextlib.contextmanager
+    def _applying(self) -> Iterator[None]:
+        """Marks work a hand-over must wait for."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._busy.add(done)
+        try:
+            yield
+        finally:
+            self._busy.discard(done)
+            done.set_result(None)
+
     # ----------------------------------------------------------------- batch
 
-    async def apply_batch(self, catalog_version: int, batch: list[BatchItem]) -> list[bytes]:
-        """Apply a batch in order; reply (msgpack, one per item) once durable."""
+    async def apply_batch(
+        self, catalog_version: int, batch: list[BatchItem], map_epoch: int = 0
+    ) -> list[bytes]:
+        """Apply a batch in order; reply (msgpack, one per item) once durable.
+        Requests for partitions this shard does not serve are answered
+        ``MOVED`` (not applied); ``map_epoch`` is the sender's map."""
+        if map_epoch > self.ownership.epoch:
+            await self.reload_map()
+        served = [self.ownership.serves(user) for user, _ in batch]
+        if all(served):
+            with self._applying():
+                return await self._apply_batch(catalog_version, batch)
+        mine = [item for item, ok in zip(batch, served, strict=True) if ok]
+        with self._applying():
+            replies = iter(await self._apply_batch(catalog_version, mine) if mine else [])
+        return [next(replies) if ok else MOVED for ok in served]
+
+    async def _apply_batch(self, catalog_version: int, batch: list[BatchItem]) -> list[bytes]:
         journal = self._journal
         assert journal is not None
         if journal.fenced:
@@ -291,6 +388,7 @@ class ShardHost:
             self._settle(work, unknown=True)
             return [error_reply(r.rid, ErrorCode.UNAVAILABLE, UNKNOWN_OUTCOME) for _, r in batch]
         if rejected & users:
+            await self.reload_map()  # a partition may have moved under us
             await self._answer_rejected(work, rejected)
         self._durable(work.records, rejected)
         if self._pushes is not None:
@@ -315,8 +413,10 @@ class ShardHost:
             work.results[i] = Result.UNUSED  # unless its sale is recorded below
         state = self.residents.touch(user_id)
         if state is None or user_id in work.doubted:
-            # Forgotten after a failed flush while this batch loaded, or a bug
-            # earlier in this batch: not applied.
+            # Forgotten after a failed flush (or a move) while this batch
+            # loaded, or a bug earlier in this batch: not applied.
+            if not self.ownership.serves(user_id):
+                return MOVED
             return error_reply(request.rid, ErrorCode.UNAVAILABLE, NOT_APPLIED)
         if hold is not None and hold.state is HoldState.UNREACHABLE:
             return error_reply(request.rid, ErrorCode.UNAVAILABLE, NOT_APPLIED)
@@ -390,7 +490,11 @@ class ShardHost:
                 continue
             if i in work.results:
                 work.results[i] = Result.UNUSED
-            reply: bytes | Reply = error_reply(request.rid, ErrorCode.UNAVAILABLE, NOT_APPLIED)
+            reply: bytes | Reply = (
+                error_reply(request.rid, ErrorCode.UNAVAILABLE, NOT_APPLIED)
+                if self.ownership.serves(user_id)
+                else MOVED
+            )
             key = _key_of(request)
             record = durable.get((user_id, key)) if key is not None else None
             if record is not None:
@@ -445,6 +549,12 @@ class ShardHost:
     async def _expire_users(self, due: set[str]) -> None:
         """The expiry scheduler's call: expire what is due for these users now,
         activating them if needed, journaled and pushed."""
+        assert self._journal is not None
+        due = {user for user in due if self.ownership.serves(user)}
+        with self._applying():
+            await self._expire_served(due)
+
+    async def _expire_served(self, due: set[str]) -> None:
         assert self._journal is not None
         self.residents.hold(due)
         try:

@@ -15,7 +15,9 @@ The wire is length-prefixed frames (4 bytes, big-endian), MessagePack inside:
   (``ShardActor.endpoint``), so only a process that can call the actor can
   send it batches (a wrong token closes the connection), then the sender's
   id (8 bytes, the same for all links of one gateway batcher);
-- gateway to shard, then: ``[catalog_version, [[user_id, request], ...]]``;
+- gateway to shard, then: ``[catalog_version, [[user_id, request], ...],
+  map_epoch]`` (the partition map the gateway routed by: a shard behind it
+  reads the map before applying);
 - shard to gateway: ``[reply, ...]``, the msgpack replies of one batch, in its
   order, once the batch is durable;
 - either way, an empty frame: a heartbeat.  The gateway sends one every
@@ -96,7 +98,7 @@ HEARTBEAT = b""
 _IDLE_SECONDS = 10.0
 
 _encoder = msgspec.msgpack.Encoder()
-_batch = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, ShardRequest]]])
+_batch = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, ShardRequest]], int])
 _replies = msgspec.msgpack.Decoder(list[bytes])
 
 
@@ -143,15 +145,15 @@ def frame(body: bytes) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def encode_batch(catalog_version: int, items: list[BatchItem]) -> bytes:
-    return frame(_encoder.encode((catalog_version, items)))
+def encode_batch(catalog_version: int, items: list[BatchItem], map_epoch: int = 0) -> bytes:
+    return frame(_encoder.encode((catalog_version, items, map_epoch)))
 
 
 def decode_replies(body: bytes) -> list[bytes]:
     return _replies.decode(body)
 
 
-Apply = Callable[[int, list[BatchItem]], Awaitable[list[bytes]]]
+Apply = Callable[[int, list[BatchItem], int], Awaitable[list[bytes]]]
 
 
 class LinkServer:
@@ -314,11 +316,11 @@ class _ShardSide(asyncio.Protocol):
             while self._frames:
                 body = self._frames.popleft()
                 try:
-                    catalog_version, items = _batch.decode(body)
+                    catalog_version, items, map_epoch = _batch.decode(body)
                 except msgspec.DecodeError as exc:
                     return self._drop(f"undecodable batch: {exc}")
                 try:
-                    replies = await self._server._apply(catalog_version, items)
+                    replies = await self._server._apply(catalog_version, items, map_epoch)
                 except Exception:
                     log.exception("shard %d: batch of %d failed", self._server._shard, len(items))
                     message = "the shard failed; retry with the same key"

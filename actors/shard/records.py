@@ -17,7 +17,12 @@ ShardRequest = Mutation | State | Inspect | History
 #: One batch item: the user it acts for and the request.
 BatchItem = tuple[str, ShardRequest]
 
-__all__ = ["BatchItem", "ShardRequest", "error_reply", "record_of"]
+__all__ = ["MOVED", "BatchItem", "ShardRequest", "error_reply", "record_of"]
+
+#: The reply to a request for a partition the shard does not serve (moved, or
+#: being handed over): not applied, and the gateway sends it again where the
+#: map now says.  No msgpack reply is empty.
+MOVED = b""
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -55,10 +55,11 @@ def test_the_first_frame_has_its_own_limit_and_the_rest_the_usual_one() -> None:
 
 def test_a_batch_round_trips() -> None:
     items: list[BatchItem] = [("u1", State(rid=1)), ("u2", State(rid="x"))]
-    (body,) = FrameReader().feed(encode_batch(7, items))
+    (body,) = FrameReader().feed(encode_batch(7, items, 12))
     assert msgspec.msgpack.decode(body) == [
         7,
         [["u1", {"type": "state", "rid": 1}], ["u2", {"type": "state", "rid": "x"}]],
+        12,
     ]
     assert decode_replies(msgspec.msgpack.encode([b"a", b"b"])) == [b"a", b"b"]
 
@@ -76,7 +77,9 @@ class Host:
         self.hold = asyncio.Event()
         self.hold.set()
 
-    async def apply_batch(self, catalog_version: int, items: list[BatchItem]) -> list[bytes]:
+    async def apply_batch(
+        self, catalog_version: int, items: list[BatchItem], map_epoch: int = 0
+    ) -> list[bytes]:
         rids = [request.rid for _, request in items]
         self.started.append(rids)
         await self.hold.wait()

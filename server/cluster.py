@@ -1,0 +1,86 @@
+"""A gateway's part in the cluster: agreeing on the settings, reading the
+partition map, and placing shard actors on Ray's nodes (PROTOCOL.md §13).
+
+``join`` runs at every gateway's start: the first gateway of a new database
+records the partition count and a digest of the secret and makes the first
+map (``LOADOUT_SHARDS`` shards); every later one must agree, or it refuses to
+start and names the setting.  ``LOADOUT_SHARDS`` means nothing to a cluster
+that exists: ``loadout cluster scale`` changes the shard count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from typing import Any
+
+import asyncpg
+
+from actors.partitions import DEFAULT_PARTITIONS, PartitionMap, initial_owners
+from persistence import cluster
+from server.config import ConfigError, Settings
+
+__all__ = ["join", "live_nodes", "place", "read_map", "secret_digest"]
+
+log = logging.getLogger("loadout.cluster")
+
+
+def secret_digest(secret: str) -> str:
+    """What the database keeps of the secret: enough to tell two apart, not to sign."""
+    mac = hmac.new(secret.encode(), b"loadout: one secret per cluster", hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
+async def read_map(pool: asyncpg.Pool) -> PartitionMap | None:
+    row = await cluster.load_map(pool)
+    return None if row is None else PartitionMap(row.epoch, row.owners)
+
+
+async def join(pool: asyncpg.Pool, settings: Settings) -> PartitionMap:
+    """Agree with the cluster on the settings that must agree, making the
+    cluster if the database has none; the map as it is now."""
+    partitions = settings.partitions or DEFAULT_PARTITIONS
+    ours = {"secret": secret_digest(settings.secret), "partitions": str(partitions)}
+    compare = ["secret"] + (["partitions"] if settings.partitions is not None else [])
+    try:
+        await cluster.agree(pool, ours, initial_owners(partitions, settings.shards), compare)
+    except cluster.SettingConflict as exc:
+        if exc.name == "secret":
+            raise ConfigError(
+                "LOADOUT_SECRET differs from the one this cluster's database was set up"
+                " with; every gateway must use the same secret"
+            ) from None
+        raise ConfigError(
+            f"LOADOUT_PARTITIONS is {exc.ours} here but the cluster has {exc.theirs};"
+            " it is fixed when the database is created"
+        ) from None
+    found = await read_map(pool)
+    if found is None:
+        raise ConfigError("the database has cluster settings but no partition map")
+    shards = len(found.shards())
+    if settings.shards != shards:
+        log.info(
+            "the cluster has %d shards (LOADOUT_SHARDS=%d applies to a new cluster only;"
+            " `loadout cluster scale N` changes it)",
+            shards,
+            settings.shards,
+        )
+    return found
+
+
+def live_nodes() -> list[dict[str, Any]]:
+    """Ray's live nodes (``ray.nodes()`` entries), in a stable order."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    return sorted(nodes, key=lambda n: str(n["NodeID"]))
+
+
+def place(shards: list[int]) -> dict[int, str]:
+    """A node for each shard, spread over the live nodes in turn (the same
+    answer in every gateway, so two starting at once agree)."""
+    nodes = [str(n["NodeID"]) for n in live_nodes()]
+    if not nodes:
+        return {}
+    return {shard: nodes[i % len(nodes)] for i, shard in enumerate(sorted(shards))}
