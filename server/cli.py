@@ -12,25 +12,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
+import re
 import sys
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from importlib.metadata import entry_points
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from protocol.messages import Role
+from protocol.messages import MAX_GEMS, Role
 from server import cluster_cli
-from server.config import ConfigError, Settings
+from server.cli_catalog import add_catalog_commands
+from server.cli_database import NoDatabase, database
+from server.config import ENVIRONMENT, ConfigError, NoSecret, Settings, environment_help
 
 if TYPE_CHECKING:
-    import asyncpg
-
-    from actors.catalog import Catalog
-    from protocol.messages import CatalogItem
+    from protocol.messages import Grant
     from server.verify import Report
 
 __all__ = ["COMMANDS_GROUP", "main"]
@@ -57,212 +54,94 @@ def _cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     from server.auth import issue_token
 
     try:
-        print(issue_token(settings.with_secret().secret, args.user, Role(args.role), args.ttl))
+        secret = settings.with_secret(create=False).secret
+    except NoSecret as exc:
+        print(f"loadout token: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(issue_token(secret, args.user, Role(args.role), args.ttl))
     except ValueError as exc:
         print(f"loadout token: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-class _NoDatabase(Exception):
-    """The data directory has no database (and the caller may not create one)."""
+#: What a grant's field must be, in the words of the command line.
+_GRANT_FIELDS = {
+    "user": "user ids are 1-64 characters of A-Z a-z 0-9 _ . -",
+    "amount": f"amount must be a whole number of gems, from 1 to {MAX_GEMS}",
+    "key": "--key must be 1-64 characters (no NUL)",
+    "reason": "--reason must be at most 256 characters",
+}
 
 
-@contextlib.asynccontextmanager
-async def _database(
-    settings: Settings, *, read_only: bool = False
-) -> AsyncIterator[tuple[asyncpg.Pool, str | None]]:
-    """A one-connection pool on Loadout's database, and the Redis URL of a
-    server to notify (None when there is none to notify).
-
-    The database is ``LOADOUT_DATABASE_URL``, else the running server's (its
-    services file), else the data directory's embedded PostgreSQL, started
-    for as long as the caller needs it.  It is migrated, unless ``read_only``:
-    then neither its schema nor a new cluster is made (``_NoDatabase``)."""
-    import asyncpg
-
-    from persistence.embedded import EmbeddedPostgres
-    from persistence.schema import migrate
-    from server.app import read_services
-
-    running = read_services(settings.data_dir) or {}
-    database_url = settings.database_url or running.get("database_url")
-    redis_url = settings.redis_url or running.get("redis_url")
-    started: EmbeddedPostgres | None = None
-    pool = None
-    try:
-        if database_url:  # (with None, asyncpg would try libpq's default server)
-            try:
-                pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1, timeout=5)
-            except (OSError, asyncpg.PostgresError):
-                if settings.database_url:
-                    raise
-        if pool is None:
-            # No server running on this data directory: use its database directly.
-            if read_only and not EmbeddedPostgres.exists(settings.data_dir):
-                raise _NoDatabase(f"no database in {settings.data_dir}") from None
-            started = EmbeddedPostgres(settings.data_dir)
-            pool = await asyncpg.create_pool(started.start(), min_size=1, max_size=1)
-            redis_url = None
-        if not read_only:
-            await migrate(pool)
-        yield pool, redis_url
-    finally:
-        if pool is not None:
-            await pool.close()
-        if started is not None:
-            started.stop()
+class _InputError(Exception):
+    """A command-line argument Loadout cannot use; the message says why."""
 
 
-async def _publish(settings: Settings, text: str, source: str) -> int:
-    import redis.asyncio as aioredis
-
-    from actors.catalog_source import publish_catalog_text
-    from actors.routing import catalog_channel
-
-    async with _database(settings) as (pool, redis_url):
-        version = await publish_catalog_text(pool, text, source)
-        assert version is not None
-    print(f"published catalog version {version}")
-    if redis_url:
-        client = aioredis.from_url(redis_url)
-        try:
-            await client.publish(catalog_channel(), str(version))
-        except Exception as exc:
-            print(f"warning: could not notify running servers: {exc}", file=sys.stderr)
-        finally:
-            await client.aclose()
-    return 0
-
-
-def _cmd_catalog_load(settings: Settings, args: argparse.Namespace) -> int:
-    from actors.catalog import CatalogFileError, parse_catalog
-
-    path = Path(args.file)
-    try:
-        text = path.read_text(encoding="utf-8")
-        parse_catalog(text)
-    except OSError as exc:
-        print(f"loadout catalog load: cannot read {path}: {exc.strerror}", file=sys.stderr)
-        return 2
-    except CatalogFileError as exc:
-        print(f"loadout catalog load: {path}: {exc}; nothing was published", file=sys.stderr)
-        return 1
-    return asyncio.run(_publish(settings, text, str(path.name)))
-
-
-async def _live_catalog(settings: Settings) -> Catalog:
-    from actors.catalog_source import load_live_catalog
-
-    async with _database(settings) as (pool, _):
-        return await load_live_catalog(pool)
-
-
-def _cmd_catalog_show(settings: Settings, args: argparse.Namespace) -> int:
+def _grant_request(args: argparse.Namespace) -> Grant:
+    """The ``grant`` request of the arguments, or ``_InputError`` saying which
+    argument is wrong (not msgspec's ``Expected int >= 1 - at $.amount``)."""
     import msgspec
 
-    catalog = asyncio.run(_live_catalog(settings))
-    if catalog.version == 0:
-        print("loadout catalog show: no catalog has been published", file=sys.stderr)
-        return 1
-    if args.game is not None and args.game not in catalog.games:
-        print(
-            f"loadout catalog show: no game {args.game!r} in catalog version {catalog.version}",
-            file=sys.stderr,
-        )
-        return 1
-    now = time.time_ns() // 1_000_000
-    # As the ``catalog`` request lists them: with a game, its items and the
-    # platform-wide ones (PROTOCOL.md §3).
-    items = [
-        catalog.wire(item, now)
-        for sku, item in sorted(catalog.items.items())
-        if args.game is None or item.game in (None, args.game)
-    ]
-    if args.json:
-        print(msgspec.json.encode({"version": catalog.version, "items": items}).decode())
-    else:
-        _print_catalog_table(catalog.version, args.game, items)
-    return 0
+    from protocol.messages import Grant
 
-
-def _print_catalog_table(version: int, game: str | None, items: list[CatalogItem]) -> None:
-    from datetime import UTC, datetime
-
-    from rich.console import Console
-    from rich.table import Table
-
-    def when(ms: int | None) -> str:
-        return "" if ms is None else f"{datetime.fromtimestamp(ms / 1000, UTC):%Y-%m-%d %H:%MZ}"
-
-    title = f"catalog version {version}" + (f", game {game}" if game else "")
-    table = Table(title=title, title_justify="left")
-    for column in ("sku", "name", "game", "category", "kind"):
-        table.add_column(column, no_wrap=column == "sku")
-    for column in ("price now", "base price"):
-        table.add_column(column, justify="right")
-    for column in ("sale ends", "bundle", "limit", "duration", "status"):
-        table.add_column(column)
-    for item in items:
-        bundle = ""
-        if item.bundle is not None:
-            bundle = ", ".join(f"{line.quantity} x {line.sku}" for line in item.bundle)
-            if item.bundle_gems:
-                bundle += f", {item.bundle_gems} gems"
-        limit = item.limit
-        table.add_row(
-            item.sku,
-            item.name,
-            item.game or "(all)",
-            item.category,
-            item.kind.value,
-            str(item.price),
-            str(item.base_price),
-            when(item.sale_ends_at),
-            bundle,
-            f"{limit.count} per {_duration_text(limit.per_seconds)}" if limit else "",
-            _duration_text(item.duration_seconds) if item.duration_seconds else "",
-            item.status.value,
-        )
-    # Wide when piped, so that scripts and logs get whole lines.
-    console = Console(width=None if sys.stdout.isatty() else 250, highlight=False)
-    console.print(table)
-
-
-def _duration_text(seconds: int) -> str:
-    """A catalog duration back in the file's words: 86400 -> "1d"."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    try:
+        amount = int(args.amount)
+    except ValueError:
+        raise _InputError(_GRANT_FIELDS["amount"]) from None
+    try:
+        # ``convert`` checks the ranges of the type (a ``Grant(...)`` call does not).
+        fields = {"rid": 1, "user": args.user, "amount": amount, "key": args.key}
+        return msgspec.convert({**fields, "reason": args.reason}, Grant)
+    except msgspec.ValidationError as exc:
+        field = re.search(r"\$\.(\w+)", str(exc))
+        raise _InputError(_GRANT_FIELDS.get(field[1] if field else "", str(exc))) from None
 
 
 async def _grant(settings: Settings, args: argparse.Namespace) -> int:
     import msgspec
     from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidHandshake, InvalidStatus
 
     from protocol.codec import codec_for
-    from protocol.messages import Grant
     from server.auth import issue_token
 
-    token = issue_token(settings.with_secret().secret, "loadout-cli", Role.ADMIN, ttl=60)
+    try:
+        grant = _grant_request(args)
+        secret = settings.with_secret(create=False).secret
+    except (_InputError, NoSecret) as exc:
+        print(f"loadout grant: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, _InputError) else 1
+    token = issue_token(secret, "loadout-cli", Role.ADMIN, ttl=60)
     url = args.url or f"ws://{settings.host}:{settings.port}/v1/ws"
     codec = codec_for(None)
-    try:
-        grant = Grant(rid=1, user=args.user, amount=args.amount, key=args.key, reason=args.reason)
-    except msgspec.ValidationError as exc:
-        print(f"loadout grant: {exc}", file=sys.stderr)
-        return 2
     try:
         async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
             await asyncio.wait_for(ws.recv(), 10)  # welcome
             await ws.send(msgspec.json.encode(grant).decode())
             reply = codec.decode_any(await asyncio.wait_for(ws.recv(), 30))
-    except (OSError, TimeoutError) as exc:
+    except InvalidStatus as exc:
+        print(f"loadout grant: {_refusal(url, exc.response.status_code, exc.response.body)}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except (OSError, TimeoutError, InvalidHandshake) as exc:
         print(f"loadout grant: cannot reach the server at {url}: {exc}", file=sys.stderr)
         return 1
     print(msgspec.json.encode(reply).decode())
     return 0 if reply.get("type") == "granted" else 1
+
+
+def _refusal(url: str, status: int, body: bytes | bytearray | None) -> str:
+    """One line for a server that refused the connection at the handshake."""
+    said = (body or b"").decode("utf-8", "replace").strip().splitlines()[:1]
+    reason = f" ({said[0][:200]})" if said else ""
+    if status == 401:
+        return (
+            f"the server at {url} refused our token{reason}: this LOADOUT_SECRET, or the"
+            " secret in LOADOUT_DATA_DIR, is not the server's"
+        )
+    return f"the server at {url} refused the connection: HTTP {status}{reason}"
 
 
 def _cmd_grant(settings: Settings, args: argparse.Namespace) -> int:
@@ -297,13 +176,10 @@ async def _run_verify(settings: Settings, as_json: bool) -> int:
     from persistence.embedded import EmbeddedError
     from server.verify import verify
 
-    if settings.database_url is None and not settings.data_dir.is_dir():
-        print(f"loadout verify: no data directory {settings.data_dir}", file=sys.stderr)
-        return 2
     try:
-        async with _database(settings, read_only=True) as (pool, _), pool.acquire() as con:
+        async with database(settings, read_only=True) as (pool, _), pool.acquire() as con:
             report = await verify(con)
-    except _NoDatabase as exc:
+    except NoDatabase as exc:
         print(f"loadout verify: {exc}", file=sys.stderr)
         return 2
     except asyncpg.UndefinedTableError as exc:
@@ -356,28 +232,41 @@ def _print_verify_report(report: Report) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="loadout", description="Loadout: a real-time game-commerce server."
+        prog="loadout",
+        description="Loadout: a real-time game-commerce server.",
+        epilog="`loadout COMMAND --help` lists a command's options and environment variables.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the server")
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the server. With nothing configured it starts its own PostgreSQL,"
+        " Redis and Ray under the data directory, which it creates (the only command that"
+        " does).",
+        **_reads(*ENVIRONMENT),
+    )
     serve.set_defaults(run=_cmd_serve)
-    token = commands.add_parser("token", help="print a signed token")
-    token.add_argument("user")
+    token = commands.add_parser(
+        "token",
+        help="print a signed token",
+        description="Print a token signed with the server's secret (LOADOUT_SECRET, else the"
+        " one `loadout serve` generated in the data directory).",
+        **_reads("LOADOUT_DATA_DIR", "LOADOUT_SECRET"),
+    )
+    token.add_argument("user", help="the user id (1-64 characters of A-Z a-z 0-9 _ . -)")
     token.add_argument("--role", choices=[r.value for r in Role], default=Role.PLAYER.value)
     token.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
     token.set_defaults(run=_cmd_token)
-    catalog = commands.add_parser("catalog", help="catalog commands")
-    catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True)
-    load = catalog_commands.add_parser("load", help="validate and publish a catalog file")
-    load.add_argument("file")
-    load.set_defaults(run=_cmd_catalog_load)
-    show = catalog_commands.add_parser("show", help="print the live catalog")
-    show.add_argument("--game", help="only this game's items and the platform-wide ones")
-    show.add_argument("--json", action="store_true", help="the items as clients see them now")
-    show.set_defaults(run=_cmd_catalog_show)
-    grant = commands.add_parser("grant", help="grant gems through the running server")
-    grant.add_argument("user")
-    grant.add_argument("amount", type=int)
+    add_catalog_commands(commands)
+    grant = commands.add_parser(
+        "grant",
+        help="grant gems through the running server",
+        description="Grant gems to a user through the running server, as an admin;"
+        " idempotent by user and key. Prints the server's reply as JSON.",
+        **_reads("LOADOUT_HOST", "LOADOUT_PORT", "LOADOUT_DATA_DIR", "LOADOUT_SECRET"),
+    )
+    grant.add_argument("user", help="the user to credit")
+    grant.add_argument("amount", help="gems, a whole number of at least 1")
     grant.add_argument("--key", required=True, help="idempotency key")
     grant.add_argument("--reason", default="", help="recorded with the grant")
     grant.add_argument("--url", help="server URL (default from LOADOUT_HOST/LOADOUT_PORT)")
@@ -386,7 +275,7 @@ def _parser() -> argparse.ArgumentParser:
         "verify",
         help="check the database against itself (offline)",
         description=_VERIFY_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **_reads("LOADOUT_DATA_DIR", "LOADOUT_DATABASE_URL"),
     )
     verify.add_argument(
         "--json",
@@ -406,6 +295,16 @@ def _parser() -> argparse.ArgumentParser:
             continue
         register(commands)
     return parser
+
+
+def _reads(*names: str) -> dict[str, Any]:
+    """``add_parser`` arguments for a command that reads the variables ``names``
+    (and, as every command does, ``LOADOUT_LOG_LEVEL``)."""
+    listed = dict.fromkeys((*names, "LOADOUT_LOG_LEVEL"))
+    return {
+        "epilog": environment_help(*listed),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

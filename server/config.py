@@ -14,11 +14,65 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["ConfigError", "Settings"]
+__all__ = ["ENVIRONMENT", "ConfigError", "NoSecret", "Setting", "Settings", "environment_help"]
 
 
 class ConfigError(ValueError):
     """A setting has a value Loadout cannot use; the message names it."""
+
+
+class NoSecret(ConfigError):
+    """No secret is set and none was ever generated (only ``serve`` makes one)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its name, its default and what it sets."""
+
+    name: str
+    default: str
+    meaning: str
+
+
+#: Every environment variable Loadout reads, in one place: ``Settings.from_env``
+#: reads them and each command's ``--help`` lists those it uses from here.
+ENVIRONMENT = {
+    s.name: s
+    for s in (
+        Setting("LOADOUT_HOST", "127.0.0.1", "address the gateway listens on"),
+        Setting("LOADOUT_PORT", "8765", "WebSocket port (also /healthz, /readyz)"),
+        Setting("LOADOUT_HTTP_PORT", "8780", "operators' HTTP port: /metrics, /healthz, /readyz"),
+        Setting("LOADOUT_DATA_DIR", ".loadout", "embedded services' data and the secret"),
+        Setting("LOADOUT_DATABASE_URL", "embedded", "an existing PostgreSQL"),
+        Setting("LOADOUT_REDIS_URL", "embedded", "an existing Redis (pushes, catalog notices)"),
+        Setting("RAY_ADDRESS", "local Ray", "a Ray cluster to run the shard actors on"),
+        Setting("LOADOUT_SECRET", "<data dir>/secret", "HS256 token secret"),
+        Setting("LOADOUT_STARTING_BALANCE", "0", "gems a new user starts with"),
+        Setting("LOADOUT_SHARDS", "2", "shard actors of a new cluster (then: cluster scale)"),
+        Setting("LOADOUT_PARTITIONS", "256", "partitions of a new cluster; fixed after"),
+        Setting("LOADOUT_RAY_NAMESPACE", "loadout", "Ray namespace of the shard actors"),
+        Setting("LOADOUT_RATE_PER_SECOND", "100", "requests per second per user"),
+        Setting("LOADOUT_RATE_BURST", "200", "burst of requests per user"),
+        Setting("LOADOUT_FLUSH_INTERVAL_MS", "0", "extra wait before a journal flush"),
+        Setting("LOADOUT_IDLE_SECONDS", "600", "idle users are passivated after this long"),
+        Setting("LOADOUT_MAX_CONNECTIONS", "20000", "open WebSockets per gateway"),
+        Setting("LOADOUT_MAX_CONNECTIONS_PER_IP", "1000", "open WebSockets per client address"),
+        Setting("LOADOUT_HANDSHAKE_TIMEOUT", "10", "seconds to complete the HTTP upgrade"),
+        Setting("LOADOUT_CONNECTION_IDLE_TIMEOUT", "60", "seconds without a frame, then close"),
+        Setting("LOADOUT_MAX_BAD_FRAMES", "10", "bad frames a minute, then close 1008"),
+        Setting("LOADOUT_LOG_LEVEL", "INFO", "logging level"),
+    )
+}
+
+
+def environment_help(*names: str) -> str:
+    """The ``--help`` epilog of a command that reads the variables ``names``."""
+    width = max(len(name) for name in names)
+    lines = [
+        f"  {name:<{width}}  {ENVIRONMENT[name].meaning} (default: {ENVIRONMENT[name].default})"
+        for name in names
+    ]
+    return "environment variables:\n" + "\n".join(lines)
 
 
 _N = TypeVar("_N", int, float)
@@ -110,12 +164,22 @@ class Settings:
             log_level=level,
         )
 
-    def with_secret(self) -> Settings:
+    def with_secret(self, *, create: bool = True) -> Settings:
         """These settings with the secret filled in: from ``LOADOUT_SECRET``, or
-        generated once and kept in the data directory with mode 0600."""
+        generated once and kept in the data directory with mode 0600.
+
+        Without ``create`` (every command but ``serve``) a secret that was
+        never generated is ``NoSecret``: a token signed with a new one would
+        be refused by the server."""
         if self.secret:
             return self
         path = self.data_dir / "secret"
+        if not create and not path.exists():
+            where = "no data directory" if not self.data_dir.is_dir() else "no secret in"
+            raise NoSecret(
+                f"LOADOUT_SECRET is unset and there is {where} {self.data_dir}: run this where"
+                " `loadout serve` ran, or set LOADOUT_DATA_DIR or LOADOUT_SECRET"
+            )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

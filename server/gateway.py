@@ -96,6 +96,17 @@ class _Outcome(msgspec.Struct):
 
 
 _outcome = msgspec.msgpack.Decoder(_Outcome)
+#: The outcomes ``/metrics`` counts: a closed set, so that no field of a reply
+#: (a promo code in ``redeemed``) becomes a label value.
+_ERROR_OUTCOMES = frozenset(code.value for code in ErrorCode)
+
+
+def _outcome_of(data: bytes) -> str:
+    """A shard's reply as a metrics outcome: ``ok``, or its error code."""
+    outcome = _outcome.decode(data)
+    if outcome.type != "error":
+        return "ok"
+    return outcome.code if outcome.code in _ERROR_OUTCOMES else "other"
 
 
 @dataclass(frozen=True)
@@ -516,8 +527,9 @@ class Gateway:
             identity = verify_token(self._secret, token or "")
         except AuthError as exc:
             log.info("refused a handshake: %s", exc)
+            # Which fault (missing, expired, forged...), never the token's content.
             challenge = {"WWW-Authenticate": 'Bearer realm="loadout"'}
-            return _error(HTTPStatus.UNAUTHORIZED, "unauthorized", challenge)
+            return _error(HTTPStatus.UNAUTHORIZED, f"unauthorized: {exc.problem}", challenge)
         subprotocol = _pick_subprotocol(request.headers.getall("Sec-WebSocket-Protocol", []))
         headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
         client = Client(self, identity, codec_for(subprotocol), address)
@@ -672,8 +684,7 @@ class Gateway:
 
         def done(data: bytes) -> None:
             self._reply_now(client, data if binary else _transcode(data))
-            outcome = _outcome.decode(data)
-            self.metrics.count(kind, outcome.code or "ok")
+            self.metrics.count(kind, _outcome_of(data))
             self.metrics.timed(kind, time.perf_counter() - started)
 
         try:

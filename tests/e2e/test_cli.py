@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from actors.catalog import demo_catalog_text
+from persistence.embedded import EmbeddedPostgres
 from protocol.messages import Role
 from server.auth import verify_token
 from tests.e2e.support import SECRET, Client, ServerProcess, new_user
@@ -79,10 +80,23 @@ async def test_catalog_load_publishes_live(fresh_server: ServerProcess, tmp_path
     server.stop()
 
 
+def make_database(data_dir: Path) -> None:
+    """The embedded database a first ``loadout serve`` would have made."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    postgres = EmbeddedPostgres(data_dir)
+    postgres.start()
+    postgres.stop()
+
+
 def test_catalog_load_without_a_running_server(tmp_path: Path) -> None:
     proc = ServerProcess(tmp_path / "data", None)
     path = tmp_path / "c.toml"
     path.write_text(demo_catalog_text())
+    # Only ``serve`` makes a database: publishing into a new one no server reads is a mistake.
+    nothing = proc.cli("catalog", "load", str(path))
+    assert nothing.returncode == 1 and "no database in" in nothing.stderr, nothing.stderr
+    assert list(proc.data_dir.iterdir()) == []
+    make_database(proc.data_dir)
     result = proc.cli("catalog", "load", str(path))
     assert result.returncode == 0, result.stderr
     assert "published catalog version 1" in result.stdout

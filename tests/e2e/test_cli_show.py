@@ -7,6 +7,7 @@ from pathlib import Path
 
 from actors.catalog import demo_catalog_text, parse_catalog
 from tests.e2e.support import ServerProcess
+from tests.e2e.test_cli import make_database
 
 #: 2027-01-01T00:00:00Z, when the demo catalog's sale of br.emote.dance ends.
 SALE_ENDS_AT = 1_798_761_600_000
@@ -14,6 +15,7 @@ SALE_ENDS_AT = 1_798_761_600_000
 
 def test_catalog_show_without_a_running_server(tmp_path: Path) -> None:
     proc = ServerProcess(tmp_path / "data", None)
+    make_database(proc.data_dir)
     nothing = proc.cli("catalog", "show")
     assert nothing.returncode != 0 and "no catalog has been published" in nothing.stderr
 

@@ -14,6 +14,7 @@ from actors.catalog import demo_catalog_text
 from actors.routing import shard_name, shard_of
 from protocol.messages import Role
 from tests.e2e.support import Client, ServerProcess, new_user
+from tests.e2e.test_cli import make_database
 
 EXTRA = """
 [[items]]
@@ -34,6 +35,7 @@ max_uses = 10
 def _start(server: ServerProcess, tmp_path: Path) -> ServerProcess:
     path = tmp_path / "catalog.toml"
     path.write_text(demo_catalog_text() + EXTRA)
+    make_database(server.data_dir)  # (only ``serve`` makes one)
     result = server.cli("catalog", "load", str(path))
     assert result.returncode == 0, result.stderr
     server.extra_env["LOADOUT_STARTING_BALANCE"] = "100"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from actors.catalog import demo_catalog_text
 from tests.e2e.support import Client, ServerProcess, fund, new_user
+from tests.e2e.test_cli import make_database
 
 
 async def test_categories(server: ServerProcess) -> None:
@@ -126,6 +127,7 @@ async def test_items_expire_on_time_with_pushes(
     path = tmp_path / "catalog.toml"
     path.write_text(text)
     server = fresh_server
+    make_database(server.data_dir)  # (only ``serve`` makes one)
     assert server.cli("catalog", "load", str(path)).returncode == 0  # before start
     server.start()
     user = new_user()
@@ -160,6 +162,7 @@ async def test_items_expire_on_time_after_a_crash(
     path = tmp_path / "catalog.toml"
     path.write_text(text)
     server = fresh_server
+    make_database(server.data_dir)  # (only ``serve`` makes one)
     assert server.cli("catalog", "load", str(path)).returncode == 0
     server.start()
     user = new_user()

@@ -11,7 +11,7 @@ import jwt
 import pytest
 
 from protocol.messages import Role
-from server.auth import AuthError, Identity, issue_token, verify_token
+from server.auth import AuthError, Identity, TokenProblem, issue_token, verify_token
 
 # 64 bytes or more: PyJWT warns (an error under filterwarnings) about shorter HMAC keys.
 SECRET = "test-secret-" + "s" * 64
@@ -161,3 +161,22 @@ def test_garbage_tokens(token: str) -> None:
 def test_error_message_does_not_echo_the_token() -> None:
     token = issue_token(OTHER_SECRET, "alice")
     assert token not in str(refused(token))
+
+
+def test_a_refusal_says_which_problem_the_token_has() -> None:
+    assert refused("").problem is TokenProblem.MISSING
+    assert refused("not.a.jwt").problem is TokenProblem.MALFORMED
+    assert refused(issue_token(OTHER_SECRET, "alice")).problem is TokenProblem.FORGED
+    expired = signed({"sub": "alice", "exp": int(time.time()) - 5})
+    assert refused(expired).problem is TokenProblem.EXPIRED
+    assert refused(signed({"sub": "alice"})).problem is TokenProblem.BAD_CLAIMS
+    assert refused(signed({"sub": "al ice", "exp": later()})).problem is TokenProblem.BAD_CLAIMS
+    wrong_role = signed({"sub": "alice", "exp": later(), "role": "root"})
+    assert refused(wrong_role).problem is TokenProblem.WRONG_ROLE
+
+
+def test_a_refusal_leaks_neither_the_secret_nor_the_claims() -> None:
+    forged = issue_token(OTHER_SECRET, "alice-secret-name")
+    for error in (refused(forged), refused(forged[:-3])):
+        assert SECRET not in str(error) and OTHER_SECRET not in str(error)
+        assert "alice-secret-name" not in str(error)
