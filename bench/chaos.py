@@ -73,7 +73,8 @@ class ChaosServer:
     """A fully embedded ``loadout serve`` on a data directory, started again
     on the same directory after each crash or stop."""
 
-    def __init__(self, data_dir: Path, log: Path) -> None:
+    def __init__(self, data_dir: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.extra_env = env or {}
         self.data_dir = data_dir
         self.log = log
         self.port = _free_port()
@@ -93,6 +94,7 @@ class ChaosServer:
             LOADOUT_LOG_LEVEL="WARNING",
             RAY_USAGE_STATS_ENABLED="0",
         )
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 120.0) -> None:
@@ -342,10 +344,11 @@ async def run_chaos(
     spacing: float = 12.0,
     log: Callable[[str], None] = print,
     faults: Sequence[Fault] | None = None,
+    env: dict[str, str] | None = None,
 ) -> ChaosReport:
     """Run the faults (by default ``FAULTS``) ``rounds`` times, ``spacing``
     seconds apart, under load."""
-    server = ChaosServer(data_dir, data_dir.parent / "chaos-server.log")
+    server = ChaosServer(data_dir, data_dir.parent / "chaos-server.log", env)
     await asyncio.to_thread(server.start)
     report = ChaosReport()
     logs = [UserLog(f"chaos-{i}-{os.getpid()}") for i in range(users)]

@@ -171,8 +171,7 @@ def start_ray(settings: Settings) -> bool:
     keeps its files under the data directory: Ray is not safe on an
     untrusted network.  On Linux Ray uses the machine's address unless told
     it is not a cluster (the variable below, read when Ray is imported)."""
-    if not settings.ray_address:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    cluster.loopback_ray(settings.ray_address)
     import ray
 
     if settings.ray_address:
@@ -296,10 +295,9 @@ async def serve_async(
                     detached=not services.ray_local,
                     log_level=logging.getLevelName(settings.log_level),
                     services_file=str(_services_file(settings.data_dir).resolve()),
-                    nodes=placed,
+                    nodes=cluster.place([shard]),
                 )[0]
 
-            placed = cluster.place(first.shards())
             handles = [handle_of(shard) for shard in first.shards()]
             for handle in handles:
                 await handle.start.remote()

@@ -21,9 +21,19 @@ from actors.partitions import DEFAULT_PARTITIONS, PartitionMap, initial_owners
 from persistence import cluster
 from server.config import ConfigError, Settings
 
-__all__ = ["join", "live_nodes", "place", "read_map", "secret_digest"]
+__all__ = ["join", "live_nodes", "loopback_ray", "place", "read_map", "secret_digest"]
 
 log = logging.getLogger("loadout.cluster")
+
+
+def loopback_ray(address: str | None) -> None:
+    """Before Ray is imported: a Ray on loopback only (the embedded one, or a
+    cluster on one machine) must be reached on loopback; on Linux Ray would
+    otherwise "canonicalize" 127.0.0.1 to the machine's address."""
+    import os
+
+    if address is None or address.startswith(("127.0.0.1:", "localhost:", "[::1]:")):
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def secret_digest(secret: str) -> str:
@@ -78,9 +88,10 @@ def live_nodes() -> list[dict[str, Any]]:
 
 
 def place(shards: list[int]) -> dict[int, str]:
-    """A node for each shard, spread over the live nodes in turn (the same
-    answer in every gateway, so two starting at once agree)."""
+    """A live node for each shard: shard ``s`` on the ``s mod n``-th of the
+    ``n`` live nodes (the same answer in every gateway, so two starting at
+    once agree; after a node is lost, its shards land on live ones)."""
     nodes = [str(n["NodeID"]) for n in live_nodes()]
     if not nodes:
         return {}
-    return {shard: nodes[i % len(nodes)] for i, shard in enumerate(sorted(shards))}
+    return {shard: nodes[shard % len(nodes)] for shard in shards}

@@ -74,10 +74,9 @@ def _addresses(settings: Settings) -> tuple[str, str]:
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
     database, ray_address = _addresses(settings)
-    if ray_address.startswith(("127.0.0.1:", "[::1]:", "localhost:")):
-        # The embedded Ray listens on loopback only; without this Ray would
-        # "canonicalize" the address to the machine's (read at import of Ray).
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from server.cluster import loopback_ray
+
+    loopback_ray(ray_address)
     if not settings.ray_address:
         # A local Ray started by `loadout serve` has token authentication on
         # (Ray's default for a new cluster), with the token in Ray's default place.

@@ -189,13 +189,13 @@ class ShardActor:
 
     async def stats(self) -> dict[str, Any]:
         host = await self._ready()
-        context = ray.get_runtime_context()
-        return {
-            **host.stats(),
-            "pid": os.getpid(),
-            "node": context.get_node_id(),
-            "address": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
-        }
+        where: dict[str, Any] = {}
+        if ray.is_initialized():  # (not when a test drives the actor directly)
+            where = {
+                "node": ray.get_runtime_context().get_node_id(),
+                "address": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+            }
+        return {**host.stats(), "pid": os.getpid(), **where}
 
     async def close(self) -> None:
         await self._link.close()
@@ -236,8 +236,7 @@ def shard_handles(
     """Get or create the named shard actors (``num_cpus=0``: they mostly wait
     on I/O, and a 2-core machine can still host several).  The settings'
     URLs are left out of the actors' arguments (``connections``).  A shard
-    made here goes to its node in ``nodes`` if given (softly: if that node
-    is gone, Ray places it, and restarts it, elsewhere)."""
+    made here goes to its node in ``nodes`` if given."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     remote = ray.remote(ShardActor)
@@ -258,6 +257,9 @@ def shard_handles(
             options["lifetime"] = "detached"
         node = (nodes or {}).get(s.shard)
         if node is not None:
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+            # Hard: Ray's soft affinity often placed shards elsewhere.  A shard
+            # whose node dies then fails for good, and the next lookup by name
+            # makes it again on a live node (``server.cluster.place``).
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         handles.append(remote.options(**options).remote(s, log_level, services_file))
     return handles

@@ -1,0 +1,61 @@
+"""A Ray node hosting a shard dies (PROTOCOL.md §13, issue "resilience"):
+shards are spread over the nodes of a real two-node Ray cluster on this
+machine; under retrying load with keys the worker node is killed; the
+gateway answers what was in flight, Ray starts the lost shard on the
+surviving node, and every acknowledged change is there exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.chaos import ChaosServer, cluster_command, run_chaos
+
+#: Ray declares a node dead after about period x threshold without an answer.
+HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": HEALTH},
+    )
+    try:
+        worker = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster, worker
+    finally:
+        cluster.shutdown()
+
+
+async def test_a_lost_node_loses_nothing_and_its_shard_serves_again(
+    two_nodes: tuple[Any, Any], tmp_path: Path
+) -> None:
+    cluster, worker = two_nodes
+    placed: list[dict[str, Any]] = []
+
+    async def kill_node(server: ChaosServer) -> None:
+        status = json.loads(await cluster_command(server, "status", "--json"))
+        placed.append(status)
+        await asyncio.to_thread(cluster.remove_node, worker, False)
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    report = await run_chaos(
+        data_dir, users=8, rounds=1, spacing=4.0, log=print,
+        faults=[("node", kill_node)], env={"RAY_ADDRESS": cluster.address},
+    )  # fmt: skip
+    print("recovery after the node's loss (s):", report.recovery)
+    (before,) = placed
+    assert len({s["node"] for s in before["shards"]}) == 2  # one shard on each node
+    assert report.acknowledged > 50
+    assert (report.lost, report.doubled, report.unexplained) == (0, 0, [])
+    assert report.verify_exit == 0, report.verify_report
