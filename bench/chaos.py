@@ -112,6 +112,7 @@ class ChaosServer:
                     return
             except OSError:
                 time.sleep(0.2)
+        self.kill()  # never leave it behind
         raise RuntimeError(f"the server did not come up in {timeout} s: see {self.log}")
 
     def secret(self) -> str:

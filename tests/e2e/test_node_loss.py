@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,14 @@ HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
 
 
 @pytest.fixture
-def two_nodes(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+def two_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
+    """Head and worker node, with Ray's token authentication on, as `ray
+    start` has it (the token in Ray's default place, made if missing)."""
     from ray.cluster_utils import Cluster
 
+    ray_cli = Path(sys.executable).parent / "ray"
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], check=True, capture_output=True)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": HEALTH},
@@ -51,7 +58,8 @@ async def test_a_lost_node_loses_nothing_and_its_shard_serves_again(
     data_dir.mkdir()
     report = await run_chaos(
         data_dir, users=8, rounds=1, spacing=4.0, log=print,
-        faults=[("node", kill_node)], env={"RAY_ADDRESS": cluster.address},
+        faults=[("node", kill_node)],
+        env={"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token"},
     )  # fmt: skip
     print("recovery after the node's loss (s):", report.recovery)
     (before,) = placed
