@@ -3,9 +3,9 @@ agree on, and the partition map (PROTOCOL.md §13).
 
 The map is the one source of truth for routing.  ``move`` is its only
 writer after the first: one transaction that reassigns partitions and bumps
-the epoch; it waits for flushes writing those partitions (they hold the
-partitions' rows ``FOR SHARE``), and from its commit on the old owners can no
-longer write them.
+the epoch; it waits for the flushes in flight of the shards losing them (a
+flush holds its shard's epoch row ``FOR SHARE``), and from its commit on the
+old owners can no longer write them.
 """
 
 from __future__ import annotations
@@ -104,10 +104,12 @@ async def move(pool: asyncpg.Pool, moves: Mapping[int, int], expect: int | None 
             raise ValueError(f"the map changed meanwhile (epoch {epoch}, expected {expect})")
         epoch += 1
         parts = sorted(moves)
-        # In partition order, as flushes take them: a move and a flush never deadlock.
+        # The shards losing partitions: wait for their flushes in flight (each
+        # holds its shard's epoch row FOR SHARE); their next ones read this map.
         await con.execute(
-            "SELECT 1 FROM partition_map WHERE partition = ANY ($1::integer[])"
-            " ORDER BY partition FOR UPDATE",
+            "SELECT 1 FROM shard_epochs WHERE shard IN"
+            " (SELECT shard FROM partition_map WHERE partition = ANY ($1::integer[]))"
+            " ORDER BY shard FOR UPDATE",
             parts,
         )
         await con.execute(

@@ -16,7 +16,7 @@ Each flush is fenced three times (DESIGN.md, "Three facts about Ray"):
   (read ``FOR SHARE``, so a new owner taking the epoch waits for a flush in
   flight and every later flush of the old owner fails);
 * each entity's partition must still be the shard's in the partition map
-  (read ``FOR SHARE`` too, so a move waits for the flush; an entity of a
+  (a move waits for the flush, holding the shard's epoch row; an entity of a
   partition moved away is rejected);
 * each entity's row must still have the version this writer read.
 

@@ -188,15 +188,19 @@ BEGIN
         RAISE EXCEPTION 'shard % epoch % was replaced by epoch %', p_shard, p_epoch, owner
             USING ERRCODE = 'LF001';
     END IF;
-    -- The partitions written here stay with this shard until the commit (a
-    -- move waits); entities of partitions the map gives to another shard are
-    -- left out (a move this shard did not hand over: it is fenced out).
-    PERFORM 1 FROM partition_map WHERE partition = ANY (u_partition)
-      ORDER BY partition FOR SHARE;
-    elsewhere := ARRAY(
-        SELECT n.user_id FROM unnest(u_user, u_partition) AS n(user_id, part)
-          JOIN partition_map m ON m.partition = n.part
-         WHERE m.shard <> p_shard);
+    -- Entities of partitions the map gives to another shard are left out (a
+    -- move this shard did not hand over: it is fenced out).  A move takes the
+    -- shard's epoch row FOR UPDATE, so it waits for this flush (which holds
+    -- it FOR SHARE), and a later flush reads the moved map.
+    IF EXISTS (SELECT 1 FROM partition_map
+                WHERE partition = ANY (u_partition) AND shard <> p_shard) THEN
+        elsewhere := ARRAY(
+            SELECT n.user_id FROM unnest(u_user, u_partition) AS n(user_id, part)
+              JOIN partition_map m ON m.partition = n.part
+             WHERE m.shard <> p_shard);
+    ELSE
+        elsewhere := '{}';
+    END IF;
     rejected := elsewhere;
     LOOP
         BEGIN
