@@ -43,10 +43,13 @@ log = logging.getLogger("loadout.cli")
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from server.app import run_server
     from server.supervision import DataDirInUse
+    from server.workers import worker_settings
 
     try:
-        run_server(settings)
-    except DataDirInUse as exc:
+        if args.worker:
+            settings = worker_settings(settings)
+        run_server(settings, workers=args.workers)
+    except (DataDirInUse, ConfigError) as exc:
         print(f"loadout serve: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -353,12 +356,31 @@ def _print_verify_report(report: Report) -> None:
         console.print(f"... and {more} more (--json lists every violation)")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 256, not {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loadout", description="Loadout: a real-time game-commerce server."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="gateway processes serving the same ports, sharing the shards (default 1)",
+    )
+    # A gateway worker that a ``serve --workers`` started (server/workers.py).
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(run=_cmd_serve)
     token = commands.add_parser("token", help="print a signed token")
     token.add_argument("user")
