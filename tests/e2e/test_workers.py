@@ -55,8 +55,9 @@ async def _worker(server: ServerProcess, other_than: int = 0, timeout: float = 9
                 is_worker = "--worker" in child.cmdline()
             except psutil.Error:
                 continue
-            if is_worker and child.pid != other_than and _serving(child.pid, server.port):
-                return child.pid
+            pid: int = child.pid
+            if is_worker and pid != other_than and _serving(pid, server.port):
+                return pid
         await asyncio.sleep(0.25)
     raise AssertionError(f"no worker listens on {server.port}:\n{server.tail()}")
 
