@@ -435,8 +435,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"loadout: {exc}", file=sys.stderr)
         return 2
+    # Gateway processes that share one log (``serve --workers``) say which they are.
+    pid = (
+        "[%(process)d] "
+        if getattr(args, "worker", False) or getattr(args, "workers", 1) > 1
+        else ""
+    )
     logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level, format=f"%(asctime)s %(levelname)s {pid}%(name)s: %(message)s"
     )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     code: int = args.run(settings, args)
