@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -44,6 +45,7 @@ from server.ratelimit import RateLimiter
 from server.readiness import Readiness
 from server.router import ShardRouter
 from server.supervision import Supervisor, lock_data_dir
+from server.workers import WorkerGroup
 
 __all__ = ["BackendFactory", "CatalogHolder", "Services", "read_services", "run_server"]
 
@@ -109,9 +111,12 @@ def start_services(settings: Settings) -> Services:
         raise
     path = _services_file(settings.data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Written aside and renamed: gateway workers may read it meanwhile.
+    staging = path.with_name(f"{path.name}.{os.getpid()}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump({"database_url": services.database_url, "redis_url": services.redis_url}, f)
+    staging.replace(path)
     return services
 
 
@@ -256,6 +261,7 @@ async def serve_async(
     backend_factory: BackendFactory | None = None,
     metrics: Metrics | None = None,
     supervisor: Supervisor | None = None,
+    workers: WorkerGroup | None = None,
 ) -> None:
     from actors.shard.actor import shard_handles
 
@@ -347,10 +353,11 @@ async def serve_async(
         await readiness.start()
         gateway.readiness = readiness.body
         http = HttpServer(
-            settings.host, settings.http_port, metrics=metrics.render, readiness=readiness.body
-        )
+            settings.host, settings.http_port, metrics=metrics.render, readiness=readiness.body,
+            reuse_port=settings.reuse_port,
+        )  # fmt: skip
         await http.start()
-        await gateway.start(settings.host, settings.port)
+        await gateway.start(settings.host, settings.port, reuse_port=settings.reuse_port)
         from actors.shard.actor import tune_collector
 
         tune_collector()
@@ -361,13 +368,19 @@ async def serve_async(
             holder.catalog.version,
         )  # fmt: skip
         sweeper = asyncio.create_task(_sweep(limiter))
+        if workers is not None:
+            await workers.start(gateway.port, http.port)
         await stop.wait()
+        if workers is not None:
+            workers.terminate()  # they drain beside us, while the shards still serve
 
         log.info("draining: no new connections; answering requests in flight")
         await gateway.stop_accepting()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(backend.drain(), 20)
         await gateway.close_all()
+        if workers is not None:
+            await workers.wait()
         sweeper.cancel()
         await backend.close()
         await fanout.close()
@@ -390,15 +403,24 @@ async def _sweep(limiter: RateLimiter) -> None:
 
 
 def run_server(
-    settings: Settings, backend_factory: BackendFactory | None = None, *, uses_ray: bool = True
+    settings: Settings,
+    backend_factory: BackendFactory | None = None,
+    *,
+    uses_ray: bool = True,
+    workers: int = 1,
 ) -> None:
     """Run until SIGTERM or SIGINT; stop everything started here.
 
     The actor core serves unless ``backend_factory`` builds another core;
-    ``uses_ray=False`` (a core that needs no Ray) starts no Ray."""
+    ``uses_ray=False`` (a core that needs no Ray) starts no Ray.  With
+    ``workers`` above 1, this process serves beside ``workers - 1`` gateway
+    worker processes on the same ports (server/workers.py)."""
     import uvloop
 
     settings = settings.with_secret()
+    if workers > 1:
+        settings = dataclasses.replace(settings, reuse_port=True)
+    group = WorkerGroup(settings, workers) if workers > 1 else None
     # A server that starts services of its own owns its data directory: taken
     # before anything is started or cleaned up there.
     lock = lock_data_dir(settings.data_dir) if settings.embedded else None
@@ -419,7 +441,7 @@ def run_server(
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            await serve_async(settings, services, stop, backend_factory, metrics, supervisor)
+            await serve_async(settings, services, stop, backend_factory, metrics, supervisor, group)
 
         uvloop.run(main())
     finally:

@@ -41,10 +41,13 @@ log = logging.getLogger("loadout.cli")
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from server.app import run_server
     from server.supervision import DataDirInUse
+    from server.workers import worker_settings
 
     try:
-        run_server(settings)
-    except DataDirInUse as exc:
+        if args.worker:
+            settings = worker_settings(settings)
+        run_server(settings, workers=args.workers)
+    except (DataDirInUse, ConfigError) as exc:
         print(f"loadout serve: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -230,6 +233,16 @@ def _print_verify_report(report: Report) -> None:
         console.print(f"... and {more} more (--json lists every violation)")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 256, not {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loadout",
@@ -245,6 +258,15 @@ def _parser() -> argparse.ArgumentParser:
         " does).",
         **_reads(*ENVIRONMENT),
     )
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="gateway processes serving the same ports, sharing the shards (default 1)",
+    )
+    # A gateway worker that a ``serve --workers`` started (server/workers.py).
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(run=_cmd_serve)
     token = commands.add_parser(
         "token",
@@ -314,8 +336,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"loadout: {exc}", file=sys.stderr)
         return 2
+    # Gateway processes that share one log (``serve --workers``) say which they are.
+    pid = (
+        "[%(process)d] "
+        if getattr(args, "worker", False) or getattr(args, "workers", 1) > 1
+        else ""
+    )
     logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level, format=f"%(asctime)s %(levelname)s {pid}%(name)s: %(message)s"
     )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     code: int = args.run(settings, args)

@@ -125,6 +125,9 @@ class Settings:
     #: Bad frames a connection may send in a minute; one more closes it 1008.
     max_bad_frames: int = 10
     log_level: str = "INFO"
+    #: Listen with SO_REUSEPORT, beside other gateway processes on the same
+    #: ports (``loadout serve --workers N``); not read from the environment.
+    reuse_port: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

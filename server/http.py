@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Callable, Generator
 
 import uvicorn
@@ -38,6 +39,7 @@ class HttpServer:
         *,
         metrics: Callable[[], bytes],
         readiness: Callable[[], tuple[bool, bytes]],
+        reuse_port: bool = False,
     ) -> None:
         async def healthz(request: Request) -> Response:
             return PlainTextResponse("ok\n")
@@ -62,6 +64,7 @@ class HttpServer:
         )  # fmt: skip
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
+        self._reuse_port = reuse_port
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._serve(), name="http")
@@ -71,9 +74,26 @@ class HttpServer:
                 raise RuntimeError("the HTTP server stopped as it started")
             await asyncio.sleep(0.01)
 
+    def _sockets(self) -> list[socket.socket] | None:
+        """With ``reuse_port``, the listening socket, bound beside other
+        processes' (``loadout serve --workers``); else uvicorn binds its own."""
+        if not self._reuse_port:
+            return None
+        config = self._server.config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((config.host, config.port))
+        except OSError:
+            sock.close()
+            raise OSError(f"cannot listen on {config.host}:{config.port} (HTTP)") from None
+        return [sock]
+
     async def _serve(self) -> None:
         try:
-            await self._server.serve()
+            await self._server.serve(sockets=self._sockets())
         except SystemExit:  # uvicorn's answer to a port it cannot bind
             config = self._server.config
             raise OSError(f"cannot listen on {config.host}:{config.port} (HTTP)") from None
