@@ -9,6 +9,7 @@ import hashlib
 __all__ = [
     "STOCK_LEFT_KEY",
     "catalog_channel",
+    "map_channel",
     "shard_index",
     "shard_name",
     "shard_of",
@@ -34,6 +35,11 @@ def shard_name(shard: int) -> str:
 
 def user_channel(user_id: str) -> str:
     return "loadout:user:" + user_id
+
+
+def map_channel() -> str:
+    """Announces a new partition map epoch (gateways read the map again)."""
+    return "loadout:map"
 
 
 def catalog_channel() -> str:

@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -153,6 +153,8 @@ class Journal:
         self._task: asyncio.Task[None] | None = None
         self.fenced = False
         self.flushes = 0
+        #: Durations of the last flushes (seconds), for the p99 in the shard's stats.
+        self.durations: deque[float] = deque(maxlen=512)
         self.flushed_records = 0
         self.rejections = 0
 
@@ -247,6 +249,7 @@ class Journal:
                     if not write.future.done():
                         write.future.set_result(frozenset(write.rejected | rejected))
                 self.flushes += 1
+                self.durations.append(time.perf_counter() - started)
                 self.flushed_records += len(records)
                 log.debug(
                     "flushed %d records in %.1f ms",

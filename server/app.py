@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,9 @@ from server.metrics import Metrics
 from server.pushes import PushFanout
 from server.ratelimit import RateLimiter
 from server.readiness import Readiness
+from server.reaper import stop_recorded
 from server.router import ShardRouter
+from server.shard_metrics import follow_shards
 from server.supervision import Supervisor, lock_data_dir
 from server.workers import WorkerGroup
 
@@ -141,27 +145,17 @@ def record_ray_processes(data_dir: Path, exclude: set[int]) -> None:
 def stop_leftover_ray(data_dir: Path) -> None:
     """Stop processes of a previous local Ray instance still alive (by pid,
     and only if the start time matches: a reused pid is never touched)."""
-    import psutil
+    stop_recorded(_ray_processes_file(data_dir))
 
-    path = _ray_processes_file(data_dir)
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    leftovers = []
-    for pid, started in recorded:
-        try:
-            process = psutil.Process(pid)
-            if abs(process.create_time() - started) < 0.01:
-                leftovers.append(process)
-        except psutil.Error:
-            continue
-    for process in leftovers:
-        log.warning("stopping pid %d left over from a previous run", process.pid)
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(leftovers, timeout=5)
-    path.unlink(missing_ok=True)
+
+def start_reaper(data_dir: Path) -> None:
+    """A process of its own that stops the local Ray's processes if this
+    server dies without stopping them (``server/reaper.py``)."""
+    subprocess.Popen(
+        [sys.executable, "-m", "server.reaper", str(os.getpid()),
+         str(_ray_processes_file(data_dir).resolve())],
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
 
 
 #: Ray keeps Unix sockets under its temporary directory; sun_path holds 107
@@ -177,6 +171,10 @@ def start_ray(settings: Settings) -> bool:
     untrusted network.  On Linux Ray uses the machine's address unless told
     it is not a cluster (the variable below, read when Ray is imported)."""
     cluster.loopback_ray(settings.ray_address)
+    if not settings.ray_address:
+        # Ray turns token authentication on for a new local cluster and warns
+        # at every start that it did: say so explicitly (read at import).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if settings.ray_address:
@@ -277,6 +275,7 @@ async def serve_async(
 
         metrics = metrics or Metrics()
         handles: list[Any] = []
+        shard_watch: asyncio.Task[None] | None = None
         backend: Backend
         if backend_factory is not None:
             backend = await backend_factory(settings, services, redis, holder)
@@ -309,6 +308,14 @@ async def serve_async(
                 await handle.start.remote()
             if services.ray_local:
                 record_ray_processes(settings.data_dir, {c.pid or 0 for c in services.embedded})
+                start_reaper(settings.data_dir)
+
+            def resolve(shard: int) -> Any:
+                """A shard's actor again, unless the map has retired it (then
+                making it would leave an actor no one uses)."""
+                if shard not in router.map.owners:
+                    raise LookupError(f"shard {shard} is no longer in the map")
+                return handle_of(shard)
 
             def make_batcher(shard: int) -> ShardBatcher:
                 return ShardBatcher(
@@ -316,11 +323,14 @@ async def serve_async(
                     handle_of(shard),
                     lambda: holder.catalog.version,
                     on_batch=metrics.batches.observe,
-                    resolve=functools.partial(handle_of, shard),
+                    resolve=functools.partial(resolve, shard),
                 )
 
-            router = ShardRouter(first, make_batcher, functools.partial(cluster.read_map, pool))
+            router = ShardRouter(
+                first, make_batcher, functools.partial(cluster.read_map, pool), metrics.pauses
+            )
             await router.start(wait=60.0)
+            shard_watch = asyncio.create_task(follow_shards(router, handle_of, metrics))
             backend = router
         limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
         limits = GatewayLimits(
@@ -345,7 +355,11 @@ async def serve_async(
         for sku, left in (await redis.hgetall(STOCK_LEFT_KEY)).items():
             holder.stock_left[sku.decode() if isinstance(sku, bytes) else sku] = int(left)
         gateway.stock_left = holder.stock_left
-        fanout = PushFanout(redis, gateway.deliver, catalog_changed, stock_changed)
+        router_of = backend if isinstance(backend, ShardRouter) else None
+        fanout = PushFanout(
+            redis, gateway.deliver, catalog_changed, stock_changed,
+            router_of.refresh if router_of is not None else None,
+        )  # fmt: skip
         await fanout.start()
         gateway.on_connection = fanout.watch
         gateway.on_disconnect = fanout.unwatch
@@ -368,6 +382,11 @@ async def serve_async(
             holder.catalog.version,
         )  # fmt: skip
         sweeper = asyncio.create_task(_sweep(limiter))
+        listed = asyncio.create_task(
+            cluster.announce_gateway(
+                redis, f"{settings.host}:{gateway.port}", lambda: gateway.connections
+            )
+        )
         if workers is not None:
             await workers.start(gateway.port, http.port)
         await stop.wait()
@@ -382,6 +401,11 @@ async def serve_async(
         if workers is not None:
             await workers.wait()
         sweeper.cancel()
+        listed.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listed
+        if shard_watch is not None:
+            shard_watch.cancel()
         await backend.close()
         await fanout.close()
         await http.close()

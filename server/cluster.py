@@ -10,18 +10,35 @@ that exists: ``loadout cluster scale`` changes the shard count.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
+import json
 import logging
+import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from actors.partitions import DEFAULT_PARTITIONS, PartitionMap, initial_owners
 from persistence import cluster
 from server.config import ConfigError, Settings
 
-__all__ = ["join", "live_nodes", "loopback_ray", "place", "read_map", "secret_digest"]
+__all__ = [
+    "GATEWAYS_KEY",
+    "announce_gateway",
+    "join",
+    "listed_gateways",
+    "live_nodes",
+    "loopback_ray",
+    "place",
+    "read_map",
+    "secret_digest",
+]
 
 log = logging.getLogger("loadout.cluster")
 
@@ -77,6 +94,47 @@ async def join(pool: asyncpg.Pool, settings: Settings) -> PartitionMap:
             settings.shards,
         )
     return found
+
+
+#: Redis hash: gateway -> JSON {address, pid, connections, at}, refreshed by each.
+GATEWAYS_KEY = "loadout:gateways"
+GATEWAY_PERIOD = 5.0
+
+
+async def announce_gateway(
+    redis: aioredis.Redis, address: str, connections: Callable[[], int]
+) -> None:
+    """Keep this gateway listed for ``loadout cluster status`` (runs until cancelled)."""
+    me = f"{address}/{os.getpid()}"
+    try:
+        while True:
+            entry = {
+                "address": address, "pid": os.getpid(), "connections": connections(),
+                "at": time.time(),
+            }  # fmt: skip
+            try:
+                await redis.hset(GATEWAYS_KEY, me, json.dumps(entry))
+            except Exception as exc:
+                log.debug("could not list this gateway: %r", exc)
+            await asyncio.sleep(GATEWAY_PERIOD)
+    finally:
+        with contextlib.suppress(Exception):
+            await redis.hdel(GATEWAYS_KEY, me)
+
+
+async def listed_gateways(redis: aioredis.Redis) -> list[dict[str, Any]]:
+    """Gateways heard from within three periods (older entries are dropped)."""
+    found = await redis.hgetall(GATEWAYS_KEY)
+    live, stale = [], []
+    for key, value in found.items():
+        entry = json.loads(value)
+        if time.time() - float(entry.get("at", 0)) <= 3 * GATEWAY_PERIOD:
+            live.append(entry)
+        else:
+            stale.append(key)
+    if stale:
+        await redis.hdel(GATEWAYS_KEY, *stale)
+    return sorted(live, key=lambda e: (str(e["address"]), int(e["pid"])))
 
 
 def live_nodes() -> list[dict[str, Any]]:

@@ -59,6 +59,13 @@ class _Unreachable(Exception):
     pass
 
 
+def _redis_url(settings: Settings) -> str | None:
+    from server.app import read_services
+
+    found = read_services(settings.data_dir) or {}
+    return settings.redis_url or (str(found["redis_url"]) if found.get("redis_url") else None)
+
+
 def _addresses(settings: Settings) -> tuple[str, str]:
     from server.app import read_services
 
@@ -82,13 +89,14 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         # (Ray's default for a new cluster), with the token in Ray's default place.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
+    import redis.asyncio as aioredis
 
     from persistence.store import open_pool
     from server.scaling import Cluster
 
     try:
         pool = await open_pool(database)
-    except (OSError, Exception) as exc:
+    except Exception as exc:
         raise _Unreachable(f"cannot reach the database: {exc}") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
@@ -101,10 +109,15 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     except Exception as exc:
         await pool.close()
         raise _Unreachable(f"cannot reach Ray at {ray_address}: {exc}") from None
+    redis_url = _redis_url(settings)
+    redis = aioredis.from_url(redis_url) if redis_url else None
     try:
         services = settings.data_dir / "run" / "services.json"
         cluster = Cluster(
-            pool, settings.ray_namespace, str(services.resolve()) if services.exists() else None
+            pool,
+            settings.ray_namespace,
+            str(services.resolve()) if services.exists() else None,
+            redis,
         )
         if args.cluster_command == "status":
             report = await cluster.status()
@@ -121,6 +134,8 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         )
         return 0
     finally:
+        if redis is not None:
+            await redis.aclose()
         await pool.close()
         ray.shutdown()
 
@@ -129,6 +144,9 @@ def _table(report: dict[str, Any]) -> str:
     lines = [f"map epoch {report['epoch']}, {report['partitions']} partitions", "", "nodes:"]
     for n in report["nodes"]:
         lines.append(f"  {n['node'][:12]}  {n['address']}  alive={n['alive']}  cpus={n['cpus']}")
+    lines += ["", "gateways:"]
+    for g in report.get("gateways", []):
+        lines.append(f"  {g['address']}  pid {g['pid']}  connections {g['connections']}")
     lines += ["", "shards:"]
     for s in report["shards"]:
         node = (s["node"] or "?")[:12]

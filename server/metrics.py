@@ -52,6 +52,37 @@ class Metrics:
             ["limit"], registry=self.registry,
         )  # fmt: skip
 
+        self.pauses = Histogram(
+            "loadout_partition_pause_seconds",
+            "How long requests of a moving partition waited at this gateway for its new shard.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5), registry=self.registry,
+        )  # fmt: skip
+        self.map_epoch = Gauge(
+            "loadout_map_epoch", "The partition map's epoch this gateway routes by.",
+            registry=self.registry,
+        )  # fmt: skip
+        shard = ["shard", "node"]
+        self.shard_users = Gauge(
+            "loadout_shard_resident_users", "Users in a shard's memory.", shard,
+            registry=self.registry,
+        )  # fmt: skip
+        self.shard_partitions = Gauge(
+            "loadout_shard_partitions", "Partitions a shard serves.", shard,
+            registry=self.registry,
+        )  # fmt: skip
+        self.shard_flushes = Gauge(
+            "loadout_shard_flushes", "Journal flushes since the shard started.", shard,
+            registry=self.registry,
+        )  # fmt: skip
+        self.shard_flush_p99 = Gauge(
+            "loadout_shard_flush_p99_seconds", "p99 of a shard's last 512 journal flushes.",
+            shard, registry=self.registry,
+        )  # fmt: skip
+        self.shard_batches = Gauge(
+            "loadout_shard_batches", "Batches this gateway sent to a shard.", ["shard"],
+            registry=self.registry,
+        )  # fmt: skip
+
         # Children by label values: ``labels()`` costs more than the increment.
         self._counts: dict[tuple[str, str], Any] = {}
         self._latencies: dict[str, Any] = {}

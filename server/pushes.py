@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
-from actors.routing import catalog_channel, stock_channel, user_channel
+from actors.routing import catalog_channel, map_channel, stock_channel, user_channel
 from server.subscriber import Subscriber
 
 __all__ = ["PushFanout"]
@@ -27,6 +28,7 @@ log = logging.getLogger("loadout.pushes")
 _USER_PREFIX = user_channel("").encode()
 _STOCK = stock_channel().encode()
 _CATALOG = catalog_channel().encode()
+_MAP = map_channel().encode()
 _stock = msgspec.msgpack.Decoder(tuple[str, int])
 SUBSCRIBE_TIMEOUT = 5.0
 
@@ -38,8 +40,10 @@ class PushFanout:
         deliver: Callable[[str, bytes], None],
         catalog_changed: Callable[[int], Awaitable[None]],
         stock_changed: Callable[[str, int], None] = lambda sku, left: None,
+        map_changed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._stock_changed = stock_changed
+        self._map_changed = map_changed
         self._redis = redis
         self._subscriber = Subscriber(redis, self._on_message)
         self._deliver = deliver
@@ -52,7 +56,7 @@ class PushFanout:
 
     async def start(self) -> None:
         await self._subscriber.start()
-        await self._subscriber.subscribe(catalog_channel(), stock_channel())
+        await self._subscriber.subscribe(catalog_channel(), stock_channel(), map_channel())
         loop = asyncio.get_running_loop()
         self._changer = loop.create_task(self._apply_changes(), name="push-subscriptions")
 
@@ -116,9 +120,21 @@ class PushFanout:
             sku, left = _stock.decode(data)
             self._stock_changed(sku, left)
         elif channel == _CATALOG:
-            task = asyncio.get_running_loop().create_task(self._on_catalog(int(data)))
-            self._catalog_tasks.add(task)
-            task.add_done_callback(self._catalog_tasks.discard)
+            self._spawn(self._on_catalog(int(data)))
+        elif channel == _MAP and self._map_changed is not None:
+            self._spawn(self._on_map())
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._catalog_tasks.add(task)
+        task.add_done_callback(self._catalog_tasks.discard)
+
+    async def _on_map(self) -> None:
+        assert self._map_changed is not None
+        try:
+            await self._map_changed()
+        except Exception as exc:
+            log.warning("could not read the partition map: %r", exc)
 
     async def _on_catalog(self, version: int) -> None:
         try:

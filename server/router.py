@@ -24,6 +24,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from prometheus_client import Histogram
+
 from actors.partitions import PartitionMap, partition_of
 from actors.shard.link import unavailable
 from actors.shard.records import BatchItem, ShardRequest
@@ -73,8 +75,10 @@ class ShardRouter:
         first: PartitionMap,
         make_batcher: Callable[[int], ShardBatcher],
         load_map: Callable[[], Awaitable[PartitionMap | None]],
+        pauses: Histogram | None = None,
     ) -> None:
         self.map = first
+        self._pauses = pauses
         self._make_batcher = make_batcher
         self._load_map = load_map
         self._batchers: dict[int, ShardBatcher] = {}
@@ -202,6 +206,8 @@ class ShardRouter:
         except asyncio.CancelledError:
             return self._give_up(partition, parked)
         self._unpark(partition)
+        if self._pauses is not None:
+            self._pauses.observe(time.monotonic() - parked.since)
         log.info(
             "partition %d: %d requests follow it from shard %d to shard %d after %.0f ms",
             partition, len(parked.moved) + len(parked.later), parked.shard,

@@ -10,8 +10,8 @@ a few partitions at a time (``CHUNK``):
    epoch; from its commit on the old owner's flushes cannot write them
    (the journal's partition fence), whatever it still believes;
 3. the new owner reads the map (``ShardActor.adopt``); gateways read it on
-   the ``MOVED`` answers, a poll, or the epoch of the next batch, and send
-   the held requests there.  The users reload from PostgreSQL.
+   a notice on Redis, the ``MOVED`` answers, or a poll, and send the held
+   requests there.  The users reload from PostgreSQL.
 
 A partition is paused from step 1 to step 3; the command reports the longest
 pause it saw.  An old owner that does not answer step 1 (its node is gone)
@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from actors.partitions import PartitionMap, balance, spread
-from actors.routing import shard_name
+from actors.routing import map_channel, shard_name
 from actors.shard.actor import shard_handles
 from actors.shard.host import ShardSettings
 from persistence import cluster as cluster_store
-from server.cluster import live_nodes, read_map
+from server.cluster import listed_gateways, live_nodes, read_map
 
 __all__ = ["CHUNK", "Cluster", "MoveReport"]
 
@@ -63,9 +64,14 @@ class Cluster:
     and the shard actors in Ray (``ray.init`` done by the caller)."""
 
     def __init__(
-        self, pool: asyncpg.Pool, namespace: str, services_file: str | None = None
+        self,
+        pool: asyncpg.Pool,
+        namespace: str,
+        services_file: str | None = None,
+        redis: aioredis.Redis | None = None,
     ) -> None:
         self._pool = pool
+        self._redis = redis
         self._namespace = namespace
         self._services_file = services_file
 
@@ -128,10 +134,17 @@ class Cluster:
                     "restarts": max(0, int(starts.get(shard, 1)) - 1),
                 }
             )
+        gateways: list[dict[str, Any]] = []
+        if self._redis is not None:
+            try:
+                gateways = await listed_gateways(self._redis)
+            except Exception as exc:
+                log.warning("could not read the gateways from Redis: %r", exc)
         return {
             "epoch": current.epoch,
             "partitions": current.partitions,
             "nodes": nodes,
+            "gateways": gateways,
             "shards": shards,
         }
 
@@ -149,6 +162,7 @@ class Cluster:
                 sources[current.owners[partition]].append(partition)
             await asyncio.gather(*(self._release(s, parts) for s, parts in sources.items()))
             epoch = await cluster_store.move(self._pool, chunk)
+            await self._announce(epoch)
             await asyncio.gather(*(self._adopt(s, epoch) for s in set(chunk.values())))
             pause = 1e3 * (time.perf_counter() - began)
             report.max_pause_ms = max(report.max_pause_ms, pause)
@@ -157,6 +171,15 @@ class Cluster:
             report.epoch = epoch
             current = await self.map()
             log.info("moved %d partitions in %.0f ms (map epoch %d)", len(chunk), pause, epoch)
+
+    async def _announce(self, epoch: int) -> None:
+        """Tell gateways to read the map now (else they learn within seconds)."""
+        if self._redis is None:
+            return
+        try:
+            await self._redis.publish(map_channel(), str(epoch))
+        except Exception as exc:
+            log.warning("could not announce map epoch %d: %r", epoch, exc)
 
     async def _release(self, shard: int, partitions: list[int]) -> None:
         try:
@@ -178,21 +201,12 @@ class Cluster:
             node = (stats or {}).get("node")
             if node in hosted:
                 hosted[node] += 1
-        taken = set(current.shards()) | {
-            int(r["shard"]) for r in await self._pool.fetch("SELECT shard FROM shard_epochs")
-        }
         new: list[int] = []
-        shard = 0
-        while len(new) < count:
-            if shard not in taken:
-                node = min(hosted, key=lambda n: (hosted[n], n)) if hosted else None
-                if node is not None:
-                    hosted[node] += 1
-                handle = self.handle(shard, node)
-                await asyncio.wait_for(handle.start.remote(), CALL_TIMEOUT * 2)
-                new.append(shard)
-            shard += 1
-        report.created.extend(new)
+        for _ in range(count):
+            node = min(hosted, key=lambda n: (hosted[n], n)) if hosted else None
+            if node is not None:
+                hosted[node] += 1
+            new.append(await self._start_on(node, report, taken=new))
         return new
 
     async def _retire(self, shards: list[int], report: MoveReport) -> None:
@@ -232,7 +246,7 @@ class Cluster:
         where = {s: (st or {}).get("node") for s, st in zip(shards, stats, strict=True)}
         plan = spread(where, [str(n["NodeID"]) for n in live_nodes()])
         for old, node in plan:
-            (new,) = await self._start_on(node, report)
+            new = await self._start_on(node, report)
             moves = {p: new for p, s in enumerate((await self.map()).owners) if s == old}
             await self.hand_over(moves, report)
             await self._retire([old], report)
@@ -240,12 +254,18 @@ class Cluster:
         await self.hand_over(balance(current.owners, current.shards()), report)
         return report
 
-    async def _start_on(self, node: str, report: MoveReport) -> list[int]:
+    async def _start_on(
+        self, node: str | None, report: MoveReport, taken: list[int] | None = None
+    ) -> int:
+        """Start a shard with a number never used (so no fencing epoch is
+        shared with an old one) on ``node``; its number."""
         current = await self.map()
-        taken = set(current.shards()) | {
-            int(r["shard"]) for r in await self._pool.fetch("SELECT shard FROM shard_epochs")
-        }
-        shard = next(s for s in range(len(taken) + 1) if s not in taken)
+        used = (
+            set(current.shards())
+            | set(taken or ())
+            | {int(r["shard"]) for r in await self._pool.fetch("SELECT shard FROM shard_epochs")}
+        )
+        shard = next(s for s in range(len(used) + 1) if s not in used)
         await asyncio.wait_for(self.handle(shard, node).start.remote(), CALL_TIMEOUT * 2)
         report.created.append(shard)
-        return [shard]
+        return shard

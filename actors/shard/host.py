@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +42,13 @@ import redis.asyncio as aioredis
 from actors.catalog import Catalog
 from actors.catalog_source import load_live_catalog
 from actors.events import Change
-from actors.partitions import PartitionMap
 from actors.routing import user_channel
 from actors.saga import STEP_TIMEOUT, Answer, Hold, HoldState, Result, SagaStep, settlement
 from actors.shard.coordinator import SagaCoordinator, StepCaller
 from actors.shard.expiry import ExpiryScheduler
 from actors.shard.history import HistoryPage, complete_history, page_from_memory
 from actors.shard.ownership import Ownership
+from actors.shard.partitioning import Partitions
 from actors.shard.records import MOVED, BatchItem, ShardRequest, error_reply, record_of
 from actors.shard.residents import Residents
 from actors.user import (
@@ -61,7 +61,7 @@ from actors.user import (
     scoped_key,
 )
 from actors.user import pushes as user_pushes
-from persistence import cluster, store
+from persistence import store
 from persistence.journal import Journal, JournalError, JournalRecord
 from persistence.publisher import PushPublisher
 from protocol.errors import ErrorCode, RequestError
@@ -84,8 +84,6 @@ UNKNOWN_OUTCOME = (
 )
 #: ...and when it is known that the request was not applied.
 NOT_APPLIED = "the request was not applied; retry with the same key"
-#: How often a shard reads the map's epoch (batches carry the gateways').
-MAP_POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,6 @@ class ShardHost:
             settings.starting_balance, settings.idle_seconds, settings.max_users
         )
         self.ownership = Ownership(settings.shard)
-        self.ownership.refresh = self.reload_map
         self.expiry = ExpiryScheduler(self.ownership.serves, self._expire_users)
         self.saga = SagaCoordinator(
             self.ownership,
@@ -142,6 +139,9 @@ class ShardHost:
             call or self._call_self,
             self._background,
         )
+        self.partitions = Partitions(
+            self.ownership, self.residents, self.expiry, self.saga, self._background
+        )
         self._pool: asyncpg.Pool | None = None
         self._redis: aioredis.Redis | None = None
         self._journal: Journal | None = None
@@ -149,9 +149,6 @@ class ShardHost:
         self._tasks: list[asyncio.Task[None]] = []
         self._encoder = msgspec.msgpack.Encoder()
         self.epoch = 0
-        #: Batches, saga steps and expiries applying now (a hand-over waits for them).
-        self._busy: set[asyncio.Future[None]] = set()
-        self._reloading: asyncio.Future[None] | None = None
         #: Called once if a newer owner fences this shard out (the actor retires).
         self.on_fenced: Callable[[], None] = lambda: None
 
@@ -166,7 +163,8 @@ class ShardHost:
             self._redis = aioredis.from_url(s.redis_url)
             self.epoch = await store.acquire_epoch(self._pool, s.shard)
             self.catalog = await load_live_catalog(self._pool)
-            await self._load_map()
+            self.partitions.attach(self._pool, None)
+            await self.partitions.reload_map()
         except BaseException:
             await self._disconnect()
             raise
@@ -181,6 +179,7 @@ class ShardHost:
             partition_of=self.ownership.partition,
         )
         self._journal.start()
+        self.partitions.attach(self._pool, self._journal)
         self.residents.attach(self._pool, self._journal)
         self.saga.attach(self._pool, self._redis, self._journal)
         self._pushes = PushPublisher(self._redis, s.push_queue)
@@ -190,7 +189,7 @@ class ShardHost:
             asyncio.create_task(self.expiry.run(), name="expiry"),
             asyncio.create_task(self.expiry.load_due(self._pool), name="due-expiries"),
             asyncio.create_task(self.saga.sweep_left_behind(), name="settle"),
-            asyncio.create_task(self._follow_map(), name="map"),
+            asyncio.create_task(self.partitions.follow(), name="map"),
         ]
         log.info(
             "shard %d started with epoch %d, catalog v%d, map epoch %d (%d partitions)",
@@ -232,6 +231,7 @@ class ShardHost:
             "passivations": self.residents.passivations,
             "catalog": self.catalog.version,
             "flushes": journal.flushes if journal else 0,
+            "flush_p99_ms": _p99_ms(journal.durations) if journal else 0.0,
             "flushed_records": journal.flushed_records if journal else 0,
             "rejections": journal.rejections if journal else 0,
             "fenced": journal.fenced if journal else False,
@@ -246,7 +246,7 @@ class ShardHost:
 
     async def apply_steps(self, catalog_version: int, steps: list[SagaStep]) -> list[Answer]:
         """Saga steps on allowances hosted here (from this shard or a peer)."""
-        with self._applying():
+        with self.partitions.applying():
             return await self.saga.apply_steps(catalog_version, steps)
 
     async def _call_self(self, shard: int, version: int, steps: list[SagaStep]) -> list[Answer]:
@@ -272,70 +272,12 @@ class ShardHost:
             await asyncio.sleep(min(10.0, self.settings.idle_seconds / 2))
             self.residents.passivate(time.monotonic())
 
-    # ------------------------------------------------------------ partitions
-
-    async def _load_map(self) -> None:
-        assert self._pool is not None
-        row = await cluster.load_map(self._pool)
-        if row is None:
-            return
-        gained, lost = self.ownership.install(PartitionMap(row.epoch, row.owners))
-        if lost:
-            # Moved away without a hand-over (this shard was thought lost):
-            # whatever it holds of them may be stale.
-            self._drop(lost)
-        if gained and self._journal is not None:
-            self._background(self.expiry.load_once(self._pool))
-            self._background(self.saga.announce_all_stock())
-
     async def reload_map(self) -> None:
-        """Read the partition map again (one read at a time; callers share it)."""
-        if self._reloading is None:
-            self._reloading = asyncio.ensure_future(self._load_map())
-            self._reloading.add_done_callback(lambda _: setattr(self, "_reloading", None))
-        await asyncio.shield(self._reloading)
-
-    async def _follow_map(self) -> None:
-        """Poll the map's epoch; batches carry the gateways' epoch too."""
-        while True:
-            await asyncio.sleep(MAP_POLL_SECONDS)
-            try:
-                assert self._pool is not None
-                if await cluster.load_epoch(self._pool) > self.ownership.epoch:
-                    await self.reload_map()
-            except Exception as exc:
-                log.warning("could not read the partition map: %r", exc)
+        await self.partitions.reload_map()
 
     async def release(self, partitions: list[int]) -> list[int]:
-        """Hand these partitions over: stop serving them, let what is applying
-        finish, make it durable, and drop their entities from memory.  The
-        caller then gives them to another shard in the map."""
-        mine = self.ownership.leave(partitions)
-        if self._busy:
-            await asyncio.wait(list(self._busy))
-        if self._journal is not None:
-            await self._journal.drain()
-        self._drop(mine)
-        return sorted(mine)
-
-    def _drop(self, partitions: frozenset[int]) -> None:
-        entities = self.ownership.of(
-            [*self.residents.users, *self.residents.allowances], partitions
-        )
-        if entities and self._journal is not None:
-            self._journal.purge(entities)
-        self.residents.forget(entities)
-
-    @contextlib.contextmanager
-    def _applying(self) -> Iterator[None]:
-        """Marks work a hand-over must wait for."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._busy.add(done)
-        try:
-            yield
-        finally:
-            self._busy.discard(done)
-            done.set_result(None)
+        """Hand these partitions over (``Partitions.release``)."""
+        return await self.partitions.release(partitions)
 
     # ----------------------------------------------------------------- batch
 
@@ -349,10 +291,10 @@ class ShardHost:
             await self.reload_map()
         served = [self.ownership.serves(user) for user, _ in batch]
         if all(served):
-            with self._applying():
+            with self.partitions.applying():
                 return await self._apply_batch(catalog_version, batch)
         mine = [item for item, ok in zip(batch, served, strict=True) if ok]
-        with self._applying():
+        with self.partitions.applying():
             replies = iter(await self._apply_batch(catalog_version, mine) if mine else [])
         return [next(replies) if ok else MOVED for ok in served]
 
@@ -551,7 +493,7 @@ class ShardHost:
         activating them if needed, journaled and pushed."""
         assert self._journal is not None
         due = {user for user in due if self.ownership.serves(user)}
-        with self._applying():
+        with self.partitions.applying():
             await self._expire_served(due)
 
     async def _expire_served(self, due: set[str]) -> None:
@@ -580,6 +522,11 @@ class ShardHost:
             self._pushes.publish(
                 [(user_channel(u), data) for u, data in work.pushes if u not in rejected]
             )
+
+
+def _p99_ms(durations: Iterable[float]) -> float:
+    ordered = sorted(durations)
+    return round(1e3 * ordered[int(len(ordered) * 0.99)], 2) if ordered else 0.0
 
 
 def _key_of(request: ShardRequest) -> str | None:

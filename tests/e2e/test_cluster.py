@@ -65,3 +65,29 @@ async def test_pushes_and_serial_order_across_gateways(
     finally:
         await on_a.close()
         await on_b.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("LOADOUT_SECRET", "another-secret-" + "y" * 40), ("LOADOUT_PARTITIONS", "128")],
+)
+def test_a_gateway_that_disagrees_with_the_cluster_refuses_to_start(
+    two_gateways: tuple[ServerProcess, ServerProcess], tmp_path: Path, setting: str, value: str
+) -> None:
+    """PROTOCOL.md §13: the settings every gateway must share are checked at
+    start, and the one that differs is named."""
+    first, _ = two_gateways
+    services = json.loads((first.data_dir / "run" / "services.json").read_text())
+    odd = ServerProcess(
+        tmp_path / "odd",
+        first.ray_address,
+        env={
+            "LOADOUT_DATABASE_URL": services["database_url"],
+            "LOADOUT_REDIS_URL": services["redis_url"],
+            setting: value,
+        },
+    )
+    with pytest.raises(RuntimeError, match="server exited 1") as refused:
+        odd.start(namespace=first.namespace)
+    assert setting in str(refused.value)
+    assert "Traceback" not in str(refused.value)

@@ -108,6 +108,12 @@ async def test_embedded_serve_survives_kill_9_and_stops_clean(tmp_path: Path) ->
         left = _alive(started)
         assert not [p for p in left if "postgres" in " ".join(p.cmdline())], "postgres outlived us"
         assert not [p for p in left if "redis-server" in p.name()], "redis outlived us"
+        for _ in range(100):  # Ray's processes, stopped by server/reaper.py
+            if not _alive(started):
+                break
+            await asyncio.sleep(0.2)
+        assert _alive(started) == [], "Ray's processes outlived the server"
+        assert "Token authentication is enabled" not in log.read_text()  # Ray's warning
 
         process = _start(data_dir, port, log)  # the next start works...
         assert _alive(started) == [], "leftovers of the killed run are still running"

@@ -5,8 +5,10 @@ acknowledged change is there exactly once, every refused one absent, and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import urllib.request
 from pathlib import Path
 
 from bench.chaos import ChaosServer, cluster_command, run_chaos, scaling
@@ -17,9 +19,17 @@ async def test_scaling_live_loses_and_doubles_nothing(tmp_path: Path) -> None:
     data_dir.mkdir()
     seen: list[str] = []
     statuses: list[dict[str, object]] = []
+    metrics: list[str] = []
 
     async def status(server: ChaosServer) -> None:
         statuses.append(json.loads(await cluster_command(server, "status", "--json")))
+        # The gateway's /metrics follows the shards (within its 10 s poll).
+        for _ in range(40):
+            text = await asyncio.to_thread(_metrics, server)
+            if len(re.findall(r"^loadout_shard_partitions\{", text, re.M)) == 3:
+                break
+            await asyncio.sleep(0.5)
+        metrics.append(text)
 
     faults = [*scaling([4, 3], seen), ("status", status), *scaling([2], seen)]
     report = await run_chaos(
@@ -37,3 +47,18 @@ async def test_scaling_live_loses_and_doubles_nothing(tmp_path: Path) -> None:
     assert isinstance(shards, list) and len(shards) == 3
     assert sorted(s["partitions"] for s in shards) == [85, 85, 86]
     assert all(s["answering"] for s in shards)
+    gateways = after_three["gateways"]
+    assert isinstance(gateways, list) and len(gateways) == 1 and gateways[0]["pid"] > 0
+    (text,) = metrics
+    partitions = re.findall(
+        r'^loadout_shard_partitions\{node="(\w+)",shard="(\d+)"\} (\S+)', text, re.M
+    )
+    assert sorted(float(n) for _, _, n in partitions) == [85, 85, 86], text
+    paused = re.search(r"^loadout_partition_pause_seconds_count (\S+)", text, re.M)
+    assert paused is not None and float(paused.group(1)) > 0  # requests followed the moves
+
+
+def _metrics(server: ChaosServer) -> str:
+    url = f"http://127.0.0.1:{server.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
