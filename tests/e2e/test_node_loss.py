@@ -26,11 +26,11 @@ HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
 def head_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A Ray head node, with Ray's token authentication on, as `ray start`
     has it (the token in Ray's default place, made if missing)."""
-    from ray.cluster_utils import Cluster
-
     ray_cli = Path(sys.executable).parent / "ray"
     subprocess.run([ray_cli, "get-auth-token", "--generate"], check=True, capture_output=True)
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # before Ray is imported here
+    from ray.cluster_utils import Cluster
+
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": HEALTH},
@@ -83,8 +83,8 @@ async def test_rebalance_spreads_shards_over_a_node_that_joined(
 
     async def join(server: ChaosServer) -> None:
         statuses.append(json.loads(await cluster_command(server, "status", "--json")))
-        await asyncio.to_thread(head_only.add_node, num_cpus=1)
-        await asyncio.to_thread(head_only.wait_for_nodes)
+        head_only.add_node(num_cpus=1)  # (Ray wants its main thread for this)
+        head_only.wait_for_nodes()
 
     async def rebalance(server: ChaosServer) -> None:
         await cluster_command(server, "rebalance")
