@@ -18,6 +18,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 __all__ = [
     "DEFAULT_PARTITIONS",
@@ -28,6 +29,8 @@ __all__ = [
     "partition_of",
     "spread",
 ]
+
+_K = TypeVar("_K", int, str)
 
 DEFAULT_PARTITIONS = 256
 MAX_PARTITIONS = 65_536
@@ -75,6 +78,22 @@ class PartitionMap:
         return Counter(self.owners)
 
 
+def _even_out(holdings: dict[_K, list[int]], total: int) -> tuple[dict[_K, int], list[int]]:
+    """Quotas for ``total`` things over the keys of ``holdings``, within one
+    of each other (the keys holding most keep the larger quotas: fewer
+    moves); what each holds beyond its quota is taken out and returned."""
+    base, extra = divmod(total, len(holdings))
+    by_size = sorted(holdings, key=lambda k: (-len(holdings[k]), k))
+    quota = {k: base + (1 if i < extra else 0) for i, k in enumerate(by_size)}
+    surplus: list[int] = []
+    for key, held in holdings.items():
+        over = len(held) - quota[key]
+        if over > 0:
+            surplus.extend(held[-over:])
+            del held[-over:]
+    return quota, surplus
+
+
 def balance(owners: tuple[int, ...], shards: Iterable[int]) -> dict[int, int]:
     """The fewest moves (partition -> new shard) that leave ``shards`` (and only
     them) owning the partitions, each within one partition of the others.
@@ -85,22 +104,13 @@ def balance(owners: tuple[int, ...], shards: Iterable[int]) -> dict[int, int]:
     wanted = sorted(set(shards))
     if not wanted:
         raise ValueError("at least one shard is needed")
-    count = len(owners)
-    base, extra = divmod(count, len(wanted))
     current: dict[int, list[int]] = {s: [] for s in wanted}
     homeless: list[int] = []
     for partition, shard in enumerate(owners):
         (current[shard] if shard in current else homeless).append(partition)
-    # The shards holding most keep the larger quotas: fewer moves.
-    by_size = sorted(wanted, key=lambda s: (-len(current[s]), s))
-    quota = {s: base + (1 if i < extra else 0) for i, s in enumerate(by_size)}
-    for shard in wanted:
-        surplus = len(current[shard]) - quota[shard]
-        if surplus > 0:
-            homeless.extend(current[shard][-surplus:])
-            del current[shard][-surplus:]
+    quota, surplus = _even_out(current, len(owners))
+    homeless = sorted(homeless + surplus)
     moves: dict[int, int] = {}
-    homeless.sort()
     for shard in wanted:
         while len(current[shard]) < quota[shard]:
             partition = homeless.pop()
@@ -124,15 +134,8 @@ def spread(shard_nodes: Mapping[int, str | None], nodes: Iterable[str]) -> list[
     misplaced: list[int] = []
     for shard, node in sorted(shard_nodes.items()):
         (hosted[node] if node in hosted else misplaced).append(shard)
-    total = len(shard_nodes)
-    base, extra = divmod(total, len(live))
-    by_size = sorted(live, key=lambda n: (-len(hosted[n]), n))
-    quota = {n: base + (1 if i < extra else 0) for i, n in enumerate(by_size)}
-    for node in live:
-        surplus = len(hosted[node]) - quota[node]
-        if surplus > 0:
-            misplaced.extend(hosted[node][-surplus:])
-            del hosted[node][-surplus:]
+    quota, surplus = _even_out(hosted, len(shard_nodes))
+    misplaced += surplus
     plan: list[tuple[int, str]] = []
     for node in live:
         while len(hosted[node]) < quota[node] and misplaced:
