@@ -18,7 +18,7 @@ from persistence.embedded import EmbeddedRedis
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # The tests' Ray, and the servers that join it, listen on loopback only (as
-# the embedded default does: server/app.py, start_ray); read at import of Ray.
+# the embedded default does: server/local_ray.py, start_ray); read at import of Ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
