@@ -212,13 +212,13 @@ class Watches:
             await self._subscribed(ready)
             states = await self._snapshots(users)
         except RequestError as refused:
-            self._undo(watcher, users, entries, new)
-            return self._refuse(watcher, request.rid, refused)
+            self._refuse(watcher, request.rid, refused)
+            return self._undo(watcher, users, entries, new)
         except Exception as exc:
             log.warning("watch of %d users failed: %r", len(users), exc)
-            self._undo(watcher, users, entries, new)
             failed = RequestError(ErrorCode.UNAVAILABLE, "could not take the snapshots; retry")
-            return self._refuse(watcher, request.rid, failed)
+            self._refuse(watcher, request.rid, failed)
+            return self._undo(watcher, users, entries, new)
         views = [_view(state, request.inventory) for state in states]
         self._metrics.count("watch", "ok")
         watcher.reply(watcher.codec.encode(Watching(rid=request.rid, users=views)))
@@ -264,7 +264,7 @@ class Watches:
         self, watcher: Watcher, users: list[str], entries: list[_Watch], new: set[str]
     ) -> None:
         """A failed ``watch`` changes nothing: its new users are dropped, and
-        the pushes of those already watched that waited are let through."""
+        the pushes of those already watched that waited follow the error."""
         for user, entry in zip(users, entries, strict=True):
             entry.snapshots -= 1
             if watcher.users.get(user) is not entry:
