@@ -62,6 +62,11 @@ __all__ = [
     "StateReply",
     "Unequip",
     "Unequipped",
+    "Unwatch",
+    "Unwatched",
+    "Watch",
+    "WatchedUser",
+    "Watching",
     "Welcome",
 ]
 
@@ -90,6 +95,8 @@ PageLimit = Annotated[int, Meta(ge=1, le=200)]
 Cursor = Annotated[str, Meta(max_length=256)]
 Reason = Annotated[str, Meta(max_length=256)]
 Seq = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+#: The users of one ``watch`` or ``unwatch`` (PROTOCOL.md §11).
+WatchList = Annotated[list[UserId], Meta(min_length=1, max_length=500)]
 
 
 class Role(StrEnum):
@@ -197,6 +204,17 @@ class RenameProfile(Request, tag="rename_profile"):
     name: ProfileName
 
 
+class Watch(Request, tag="watch"):
+    """A service follows these users' loadouts (PROTOCOL.md §11)."""
+
+    users: WatchList
+    inventory: bool = False
+
+
+class Unwatch(Request, tag="unwatch"):
+    users: WatchList
+
+
 ClientMessage = (
     State
     | Catalog
@@ -211,6 +229,8 @@ ClientMessage = (
     | Categories
     | RenameProfile
     | Redeem
+    | Watch
+    | Unwatch
 )
 
 #: Requests that change a user and so go through the user's shard journal.
@@ -218,7 +238,7 @@ MUTATIONS = (Purchase, Consume, CreateProfile, Equip, Unequip, Grant, RenameProf
 #: Requests only an admin token may make.
 ADMIN_REQUESTS = (Grant,)
 #: Requests that name a user explicitly; a player may not make them.
-PRIVILEGED_REQUESTS = (Grant, Inspect)
+PRIVILEGED_REQUESTS = (Grant, Inspect, Watch, Unwatch)
 
 
 # --------------------------------------------------------------------------
@@ -379,23 +399,47 @@ class Granted(Reply, tag="granted"):
     version: int
 
 
+class WatchedUser(Struct, omit_defaults=True):
+    """A watched user's snapshot; ``balance`` and ``inventory`` only when asked."""
+
+    user: str
+    version: int
+    profiles: list[ProfileView]
+    balance: int | None = None
+    inventory: list[InventoryEntry] | None = None
+
+
+class Watching(Reply, tag="watching"):
+    users: list[WatchedUser]
+
+
+class Unwatched(Reply, tag="unwatched"):
+    users: list[str]
+
+
 class Error(Reply, tag="error"):
     code: str
     message: str
     retry_after_ms: int | None = None
 
 
-class InventoryPush(ServerMessage, tag="inventory"):
+# ``user`` is set on pushes to watchers (PROTOCOL.md §11) and left out of a
+# user's pushes to their own connections, which look as they always did.
+
+
+class InventoryPush(ServerMessage, tag="inventory", omit_defaults=True):
     version: int
     balance: int
     items: list[InventoryEntry]
+    user: str | None = None
 
 
-class LoadoutPush(ServerMessage, tag="loadout"):
+class LoadoutPush(ServerMessage, tag="loadout", omit_defaults=True):
     version: int
     profile: str
     game: str | None
     equipped: dict[str, str]
+    user: str | None = None
 
 
 class CatalogChanged(ServerMessage, tag="catalog_changed"):
@@ -415,6 +459,8 @@ ServerReply = (
     | CategoriesReply
     | ProfileRenamed
     | Redeemed
+    | Watching
+    | Unwatched
     | Error
 )
 Push = InventoryPush | LoadoutPush | CatalogChanged

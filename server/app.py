@@ -168,6 +168,7 @@ async def serve_async(
             idle_timeout=settings.connection_idle_timeout,
             bad_frames=settings.max_bad_frames,
             per_address=settings.max_connections_per_ip,
+            watch=settings.max_watch,
         )
         gateway = Gateway(
             settings.secret, backend, holder.current, limiter, settings.max_connections, metrics,
@@ -193,6 +194,7 @@ async def serve_async(
         await fanout.start()
         gateway.on_connection = fanout.watch
         gateway.on_disconnect = fanout.unwatch
+        gateway.watches.subscriptions = fanout
         readiness = Readiness(pool, redis, getattr(backend, "batchers", []), metrics)
         await readiness.start()
         gateway.readiness = readiness.body

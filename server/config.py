@@ -60,6 +60,7 @@ ENVIRONMENT = {
         Setting("LOADOUT_HANDSHAKE_TIMEOUT", "10", "seconds to complete the HTTP upgrade"),
         Setting("LOADOUT_CONNECTION_IDLE_TIMEOUT", "60", "seconds without a frame, then close"),
         Setting("LOADOUT_MAX_BAD_FRAMES", "10", "bad frames a minute, then close 1008"),
+        Setting("LOADOUT_MAX_WATCH", "10000", "users one service connection may watch"),
         Setting("LOADOUT_LOG_LEVEL", "INFO", "logging level"),
     )
 }
@@ -124,6 +125,8 @@ class Settings:
     connection_idle_timeout: float = 60.0
     #: Bad frames a connection may send in a minute; one more closes it 1008.
     max_bad_frames: int = 10
+    #: Users one connection may watch at once (PROTOCOL.md §11).
+    max_watch: int = 10_000
     log_level: str = "INFO"
     #: Listen with SO_REUSEPORT, beside other gateway processes on the same
     #: ports (``loadout serve --workers N``); not read from the environment.
@@ -164,6 +167,7 @@ class Settings:
                 env, "LOADOUT_CONNECTION_IDLE_TIMEOUT", 60.0, 21.0, 10**7
             ),
             max_bad_frames=_number(env, "LOADOUT_MAX_BAD_FRAMES", 10, 0, 10**9),
+            max_watch=_number(env, "LOADOUT_MAX_WATCH", 10_000, 1, 10**7),
             log_level=level,
         )
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -67,6 +68,8 @@ from protocol.messages import (
     Grant,
     Inspect,
     Role,
+    Unwatch,
+    Watch,
     Welcome,
 )
 from protocol.messages import (
@@ -77,6 +80,7 @@ from server.auth import AuthError, Identity, verify_token
 from server.batching import Backend, ShardBusy
 from server.metrics import Metrics
 from server.ratelimit import RateLimiter
+from server.watching import Watcher, Watches
 
 __all__ = ["Gateway", "GatewayLimits"]
 
@@ -136,6 +140,7 @@ class GatewayLimits:
     idle_timeout: float = 60.0  # no frame at all, not even a pong, this long: close 1001
     per_address: int = 1000  # open WebSockets per client address (an IPv6 /64); then 429
     throttle_limit: float = 1.0  # longest pause in reading after a rate_limited refusal
+    watch: int = 10_000  # users one connection may watch (PROTOCOL.md §11); then limit_exceeded
 
     def __post_init__(self) -> None:
         if self.idle_timeout <= self.ping_interval:
@@ -192,6 +197,8 @@ class Client(WSListener):
         self.parts_kind = WSMsgType.CONTINUATION
         self.bad: deque[float] = deque()
         self.watched = False
+        #: The users this connection watches (``server.watching``), once it does.
+        self.watcher: Watcher | None = None
         self.setup: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------- picows callbacks
@@ -436,6 +443,8 @@ class Gateway:
         self._catalog = catalog
         self._limiter = limiter
         self.clients: dict[str, set[Client]] = {}
+        #: Match servers' watches (PROTOCOL.md §11); the app gives it Redis.
+        self.watches = Watches(backend, self.limits.watch, self.metrics)
         self.on_connection: Callable[[str], Awaitable[None]] | None = None
         self.on_disconnect: Callable[[str], None] = lambda user: None
         #: ``/readyz``: ready or not, and the JSON body (server/readiness.py).
@@ -613,6 +622,8 @@ class Gateway:
         self.metrics.connections.dec()
         if client.watched:
             self.on_disconnect(client.identity.user)
+        if client.watcher is not None:
+            self.watches.end(client.watcher)
         group = self.clients.get(client.identity.user)
         if group is None:
             return
@@ -671,11 +682,23 @@ class Gateway:
                 return self._refuse(client, request.rid, _forbidden("grant"), "grant")
             case Inspect() if identity.role is Role.PLAYER:
                 return self._refuse(client, request.rid, _forbidden("inspect"), "inspect")
+            case Watch() | Unwatch() if identity.role is Role.PLAYER:
+                return self._refuse(client, request.rid, _forbidden("watch"), "watch")
+            case Watch():
+                return self.watches.watch(self._watcher(client), request)
+            case Unwatch():
+                return self.watches.unwatch(self._watcher(client), request)
             case Grant() | Inspect():
                 user = request.user
             case _:
                 user = identity.user
         self._route(client, user, request)
+
+    def _watcher(self, client: Client) -> Watcher:
+        if client.watcher is None:
+            reply = functools.partial(self._reply_now, client)
+            client.watcher = Watcher(client.codec, client.send, reply)
+        return client.watcher
 
     def _route(self, client: Client, user: str, request: ClientMessage) -> None:
         kind: str = request.__struct_config__.tag  # type: ignore[assignment]
@@ -748,7 +771,9 @@ class Gateway:
     # ----------------------------------------------------------------- pushes
 
     def deliver(self, user: str, data: bytes) -> None:
-        """A push for ``user`` from Redis: to every connection of theirs here."""
+        """A push for ``user`` from Redis: to every connection of theirs here,
+        and to the connections watching them."""
+        self.watches.deliver(user, data)
         group = self.clients.get(user)
         if not group:
             return

@@ -70,12 +70,18 @@ class PushFanout:
     async def watch(self, user_id: str) -> None:
         """A connection of this user opened here: returns once the user's
         channel is subscribed, so no push to this connection can be missed."""
+        await asyncio.wait_for(asyncio.shield(self.subscribe(user_id)), SUBSCRIBE_TIMEOUT)
+
+    def subscribe(self, user_id: str) -> asyncio.Future[None]:
+        """Count one more interest in the user's pushes, at once (an ``unwatch``
+        balances it, whatever becomes of the future); the future is done once
+        the user's channel is subscribed."""
         self._users[user_id] += 1
         ready = self._subscribed.get(user_id)
         if ready is None:
             ready = self._subscribed[user_id] = asyncio.get_running_loop().create_future()
             self._changes.put_nowait((True, user_id))
-        await asyncio.wait_for(asyncio.shield(ready), SUBSCRIBE_TIMEOUT)
+        return ready
 
     def unwatch(self, user_id: str) -> None:
         self._users[user_id] -= 1

@@ -50,6 +50,9 @@ from protocol.messages import (
     StateReply,
     Unequip,
     Unequipped,
+    Unwatch,
+    Watch,
+    WatchedUser,
     Welcome,
 )
 
@@ -530,3 +533,46 @@ def test_error_carries_rid_and_retry_after(codec: Codec) -> None:
     assert codec.decode_server(codec.encode_error("r", error)) == Error(
         rid="r", code="rate_limited", message="slow down", retry_after_ms=120
     )
+
+
+# --------------------------------------------------------------- watching
+
+
+@pytest.mark.parametrize("subprotocol", [JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL])
+def test_watch_and_unwatch_decode_with_their_defaults(subprotocol: str) -> None:
+    codec = Codec(subprotocol)
+
+    def frame(message: dict[str, Any]) -> bytes | str:
+        data = codec.encode_any(message)
+        return data if codec.binary else data.decode()
+
+    watch = codec.decode_request(frame({"type": "watch", "rid": 1, "users": ["alice", "bob"]}))
+    assert watch == Watch(rid=1, users=["alice", "bob"], inventory=False)
+    unwatch = codec.decode_request(frame({"type": "unwatch", "users": ["bob"]}))
+    assert unwatch == Unwatch(users=["bob"])
+
+
+@pytest.mark.parametrize("users", [[], ["u"] * 501, ["not a user"], ["x" * 65], "alice", [1]])
+def test_watch_refuses_users_out_of_range(users: Any) -> None:
+    codec = codec_for(JSON_SUBPROTOCOL)
+    for kind in ("watch", "unwatch"):
+        with pytest.raises(RequestError) as info:
+            codec.decode_request(json.dumps({"type": kind, "rid": 3, "users": users}))
+        assert info.value.code is ErrorCode.BAD_REQUEST
+
+
+def test_pushes_carry_user_only_when_set() -> None:
+    """A player's own pushes look as they did before watching existed."""
+    loadout = LoadoutPush(4, "main", None, {"frame": "plat.frame.gold"})
+    assert "user" not in json.loads(msgspec.json.encode(loadout))
+    assert "user" not in msgspec.msgpack.decode(msgspec.msgpack.encode(InventoryPush(2, 5, [])))
+    watched = msgspec.structs.replace(loadout, user="alice")
+    assert json.loads(msgspec.json.encode(watched))["user"] == "alice"
+
+
+def test_a_watched_users_snapshot_leaves_out_what_was_not_asked() -> None:
+    main = ProfileView("main", None, {})
+    bare = json.loads(msgspec.json.encode(WatchedUser("alice", 0, [main])))
+    assert bare == {"user": "alice", "version": 0, "profiles": [msgspec.to_builtins(main)]}
+    full = json.loads(msgspec.json.encode(WatchedUser("alice", 0, [main], 0, [])))
+    assert (full["balance"], full["inventory"]) == (0, [])

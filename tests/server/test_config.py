@@ -93,6 +93,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("LOADOUT_HANDSHAKE_TIMEOUT", "0"),
         ("LOADOUT_CONNECTION_IDLE_TIMEOUT", "20"),  # not past the 20 s ping interval
         ("LOADOUT_MAX_BAD_FRAMES", "-1"),
+        ("LOADOUT_MAX_WATCH", "0"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_variable(name: str, value: str) -> None:
@@ -120,6 +121,12 @@ def test_connection_limits_default_and_are_read() -> None:
     assert settings.handshake_timeout == 2.5
     assert settings.connection_idle_timeout == 90.0
     assert settings.max_bad_frames == 1000
+
+
+def test_watch_limit_defaults_to_the_protocols_and_is_read() -> None:
+    """PROTOCOL.md §11: a connection watches at most LOADOUT_MAX_WATCH users."""
+    assert Settings.from_env({}).max_watch == 10_000
+    assert Settings.from_env({"LOADOUT_MAX_WATCH": "3"}).max_watch == 3
 
 
 def test_with_secret_generates_once_with_mode_0600(tmp_path: Path) -> None:
