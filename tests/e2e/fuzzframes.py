@@ -90,6 +90,13 @@ def valid_for(kind: mi.Type, value: Any) -> bool:
             )
         case mi.BoolType():
             return isinstance(value, bool)
+        case mi.ListType(item_type=item, min_length=low, max_length=high):
+            return (
+                isinstance(value, list)
+                and (low is None or len(value) >= low)
+                and (high is None or len(value) <= high)
+                and all(valid_for(item, v) for v in value)
+            )
     raise AssertionError(f"the fuzz does not know the type {kind!r}: teach valid_for")
 
 
@@ -109,6 +116,11 @@ def _candidates(kind: mi.Type) -> list[Any]:
                 if low:
                     out += ["x" * (low - 1)]
                 out += ["a b", "a/b", "é", "\u202eabc", "a\x00b", "A" * 65, "line\n"]
+            case mi.ListType(item_type=item, max_length=high):
+                inner = [v for v in _candidates(item) if not isinstance(v, list | dict)][:12]
+                out += [[v] for v in inner]
+                if high is not None:
+                    out += [["u"] * (high + 1), ["u"] * high]
     return out
 
 
@@ -128,7 +140,7 @@ VALID: dict[str, Any] = {
     "key": "fuzz-key", "sku": "plat.booster.xp", "price": 5, "quantity": 1, "profile": "main",
     "game": "br", "category": "weapon_skins", "cursor": None, "limit": 10, "slot": "frame",
     "before": 1, "user": "fuzz-other", "amount": 1, "reason": "fuzz", "code": "NO-SUCH-CODE",
-    "name": "renamed",
+    "name": "renamed", "users": ["fuzz-other"], "inventory": False,
 }  # fmt: skip
 #: Odd strings, valid wherever a string of their length without a pattern is.
 ODD_STRINGS = [
