@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import os
 import signal
 import socket
@@ -12,7 +14,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,32 @@ class ServerProcess:
 
 
 _rids = itertools.count(1)
+
+
+@contextlib.contextmanager
+def two_gateways(
+    root: Path, ray_address: str, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[ServerProcess, ServerProcess, dict[str, str]]]:
+    """Two gateways sharing shards, PostgreSQL and Redis (the first's embedded
+    ones), each with ``env``; yields them and the first's services (URLs).
+    Both are killed after, and the shard actors with them."""
+    first = ServerProcess(root / "a", ray_address, env=env)
+    second: ServerProcess | None = None
+    try:
+        first.start()
+        services = json.loads((root / "a" / "run" / "services.json").read_text())
+        shared = {
+            "LOADOUT_DATABASE_URL": services["database_url"],
+            "LOADOUT_REDIS_URL": services["redis_url"],
+        }
+        second = ServerProcess(root / "b", ray_address, env={**(env or {}), **shared})
+        second.start(namespace=first.namespace)
+        yield first, second, services
+    finally:
+        if second is not None:
+            second.kill()
+        first.kill()
+        first.kill_actors()
 
 
 class Client:

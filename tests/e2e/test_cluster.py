@@ -11,30 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.support import Client, ServerProcess, fund, new_user
+from tests.e2e.support import two_gateways as start_two
 
 
 @pytest.fixture
 def two_gateways(ray_address: str, tmp_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    first = ServerProcess(tmp_path / "a", ray_address)
-    second: ServerProcess | None = None
-    try:
-        first.start()
-        services = json.loads((tmp_path / "a" / "run" / "services.json").read_text())
-        second = ServerProcess(
-            tmp_path / "b",
-            ray_address,
-            env={
-                "LOADOUT_DATABASE_URL": services["database_url"],
-                "LOADOUT_REDIS_URL": services["redis_url"],
-            },
-        )
-        second.start(namespace=first.namespace)
+    with start_two(tmp_path, ray_address) as (first, second, _):
         yield first, second
-    finally:
-        if second is not None:
-            second.kill()
-        first.kill()
-        first.kill_actors()
 
 
 async def test_pushes_and_serial_order_across_gateways(

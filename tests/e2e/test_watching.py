@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import redis.asyncio as aioredis
 
 from actors.routing import user_channel
 from protocol.messages import Role
-from tests.e2e.support import Client, ServerProcess, fund, new_user
+from tests.e2e.support import Client, ServerProcess, fund, new_user, two_gateways
 
 #: LOADOUT_MAX_WATCH of both gateways: small, to reach it.
 LIMIT = 4
@@ -31,29 +30,10 @@ def gateways(
 ) -> Iterator[tuple[ServerProcess, ServerProcess, str]]:
     """Two gateways sharing shards, PostgreSQL and Redis (and Redis's URL)."""
     root = tmp_path_factory.mktemp("watching")
-    first = ServerProcess(root / "a", ray_address, env={"LOADOUT_MAX_WATCH": str(LIMIT)})
-    second: ServerProcess | None = None
-    try:
-        first.start()
-        services = json.loads((root / "a" / "run" / "services.json").read_text())
-        second = ServerProcess(
-            root / "b",
-            ray_address,
-            env={
-                "LOADOUT_DATABASE_URL": services["database_url"],
-                "LOADOUT_REDIS_URL": services["redis_url"],
-                "LOADOUT_MAX_WATCH": str(LIMIT),
-            },
-        )
-        second.start(namespace=first.namespace)
-        yield first, second, services["redis_url"]
-    finally:
-        if second is not None:
-            second.kill()
-        first.kill()
-        first.kill_actors()
-    for proc in (first, second):
-        assert proc is not None and "Traceback" not in proc.log_path.read_text(errors="replace")
+    with two_gateways(root, ray_address, {"LOADOUT_MAX_WATCH": str(LIMIT)}) as (a, b, services):
+        yield a, b, services["redis_url"]
+    for proc in (a, b):
+        assert "Traceback" not in proc.log_path.read_text(errors="replace")
 
 
 def _replay(snapshot: dict[str, Any], pushes: list[dict[str, Any]]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from actors.catalog import Catalog, demo_catalog_text, parse_catalog
 from actors.shard.records import ShardRequest
 from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
 from server.auth import issue_token
-from server.batching import Answer
+from server.batching import Answer, Backend
 from server.gateway import Gateway, GatewayLimits
 from server.ratelimit import RateLimiter
 
@@ -52,17 +53,33 @@ class HeldBackend:
         pass
 
 
-@pytest.fixture
-async def gateway() -> AsyncIterator[tuple[Gateway, HeldBackend]]:
-    backend = HeldBackend()
+@contextlib.asynccontextmanager
+async def serving(
+    backend: Backend,
+    limits: GatewayLimits | None = None,
+    max_connections: int = 20_000,
+    secret: str = SECRET,
+) -> AsyncIterator[Gateway]:
+    """A gateway on a free port over ``backend``, with the demo catalog and no
+    rate limit; closed after."""
     catalog = Catalog.from_document(1, parse_catalog(demo_catalog_text()))
-    gateway = Gateway(SECRET, backend, lambda: catalog, RateLimiter(10**9, 10**9))
+    gateway = Gateway(
+        secret, backend, lambda: catalog, RateLimiter(10**9, 10**9), max_connections,
+        limits=limits,
+    )  # fmt: skip
     await gateway.start("127.0.0.1", 0)
     try:
-        yield gateway, backend
+        yield gateway
     finally:
         await gateway.stop_accepting()
         await gateway.close_all()
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[tuple[Gateway, HeldBackend]]:
+    backend = HeldBackend()
+    async with serving(backend) as gateway:
+        yield gateway, backend
 
 
 async def _open(

@@ -17,13 +17,12 @@ import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
-from actors.catalog import Catalog, demo_catalog_text, parse_catalog
 from actors.shard.records import ShardRequest
 from protocol.messages import Role
 from server.auth import issue_token
 from server.batching import Answer
 from server.gateway import Gateway
-from server.ratelimit import RateLimiter
+from tests.server.test_gateway import serving
 
 SECRET = "gateway-answers-secret-" * 3
 
@@ -47,14 +46,8 @@ class ScriptedBackend:
 @pytest.fixture
 async def gateway() -> AsyncIterator[tuple[Gateway, ScriptedBackend]]:
     backend = ScriptedBackend()
-    catalog = Catalog.from_document(1, parse_catalog(demo_catalog_text()))
-    gateway = Gateway(SECRET, backend, lambda: catalog, RateLimiter(10**9, 10**9))
-    await gateway.start("127.0.0.1", 0)
-    try:
+    async with serving(backend, secret=SECRET) as gateway:
         yield gateway, backend
-    finally:
-        await gateway.stop_accepting()
-        await gateway.close_all()
 
 
 def _handshake(port: int, token: str | None) -> tuple[int, str]:

@@ -35,6 +35,7 @@ from tests.server.test_gateway import (
     _raw_open,
     _raw_until_close,
     _wait_for,
+    serving,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,17 +47,8 @@ async def _serving(
     limits: GatewayLimits, max_connections: int = 20_000
 ) -> AsyncIterator[tuple[Gateway, HeldBackend]]:
     backend = HeldBackend()
-    catalog = Catalog.from_document(1, parse_catalog(demo_catalog_text()))
-    gateway = Gateway(
-        SECRET, backend, lambda: catalog, RateLimiter(10**9, 10**9), max_connections,
-        limits=limits,
-    )  # fmt: skip
-    await gateway.start("127.0.0.1", 0)
-    try:
+    async with serving(backend, limits, max_connections) as gateway:
         yield gateway, backend
-    finally:
-        await gateway.stop_accepting()
-        await gateway.close_all()
 
 
 async def _open(gateway: Gateway, user: str, source: str = "127.0.0.1") -> ClientConnection:
