@@ -1,31 +1,17 @@
-"""Where things live: the shard of a user or allowance, the shard actors'
-Ray names, and the Redis names every process agrees on.  Everything that
-routes imports its names from here."""
+"""Names every process agrees on: the shard actors' Ray names and the Redis
+channels and keys.  Which shard serves an entity is the partition map's
+answer (``actors.partitions``)."""
 
 from __future__ import annotations
-
-import hashlib
 
 __all__ = [
     "STOCK_LEFT_KEY",
     "catalog_channel",
     "map_channel",
-    "shard_index",
     "shard_name",
-    "shard_of",
     "stock_channel",
     "user_channel",
 ]
-
-
-def shard_index(entity_id: str, shards: int) -> int:
-    """The shard of a user or allowance: stable across processes."""
-    digest = hashlib.blake2b(entity_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % shards
-
-
-#: The shard of a user or allowance (the name gateways use).
-shard_of = shard_index
 
 
 def shard_name(shard: int) -> str:

@@ -59,28 +59,23 @@ class _Unreachable(Exception):
     pass
 
 
-def _redis_url(settings: Settings) -> str | None:
-    from server.app import read_services
-
-    found = read_services(settings.data_dir) or {}
-    return settings.redis_url or (str(found["redis_url"]) if found.get("redis_url") else None)
-
-
-def _addresses(settings: Settings) -> tuple[str, str]:
-    from server.app import read_services
+def _addresses(settings: Settings) -> tuple[str, str, str | None]:
+    """The database, Ray and (if known) Redis: configured, else the running server's."""
+    from server.services import read_services
 
     found = read_services(settings.data_dir) or {}
     database = settings.database_url or str(found.get("database_url") or "")
     ray_address = settings.ray_address or str(found.get("ray_address") or "")
+    redis_url = settings.redis_url or str(found.get("redis_url") or "") or None
     if not database:
         raise _Unreachable(f"no running server on {settings.data_dir} and no LOADOUT_DATABASE_URL")
     if not ray_address:
         raise _Unreachable(f"no running server on {settings.data_dir} and no RAY_ADDRESS")
-    return database, ray_address
+    return database, ray_address, redis_url
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
-    database, ray_address = _addresses(settings)
+    database, ray_address, redis_url = _addresses(settings)
     from server.cluster import loopback_ray
 
     loopback_ray(ray_address)
@@ -109,7 +104,6 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     except Exception as exc:
         await pool.close()
         raise _Unreachable(f"cannot reach Ray at {ray_address}: {exc}") from None
-    redis_url = _redis_url(settings)
     redis = aioredis.from_url(redis_url) if redis_url else None
     try:
         services = settings.data_dir / "run" / "services.json"

@@ -45,12 +45,18 @@ def services_file(data_dir: Path) -> Path:
 
 def note_service(data_dir: Path, name: str, value: str) -> None:
     """Add an address to the services file (for the operator's commands)."""
-    found = read_services(data_dir) or {}
-    found[name] = value
+    _write_services(data_dir, {**(read_services(data_dir) or {}), name: value})
+
+
+def _write_services(data_dir: Path, values: dict[str, Any]) -> None:
+    """Written aside and renamed, mode 0600: gateway workers may read it meanwhile."""
     path = services_file(data_dir)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f"{path.name}.{os.getpid()}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(found, f)
+        json.dump(values, f)
+    staging.replace(path)
 
 
 def read_services(data_dir: Path) -> dict[str, Any] | None:
@@ -78,12 +84,8 @@ def start_services(settings: Settings) -> Services:
     except BaseException:
         services.stop()
         raise
-    path = services_file(settings.data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed: gateway workers may read it meanwhile.
-    staging = path.with_name(f"{path.name}.{os.getpid()}")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"database_url": services.database_url, "redis_url": services.redis_url}, f)
-    staging.replace(path)
+    _write_services(
+        settings.data_dir,
+        {"database_url": services.database_url, "redis_url": services.redis_url},
+    )
     return services

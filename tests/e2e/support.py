@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 
+from actors.partitions import DEFAULT_PARTITIONS, PartitionMap, initial_owners
 from actors.routing import shard_name
 from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
 from protocol.messages import Role
@@ -283,6 +284,11 @@ class Client:
                 self.replies[message["rid"]] = message
             else:
                 self.pushes.append(message)
+
+
+def first_shard_of(entity_id: str, shards: int) -> int:
+    """The shard a new cluster's first map (``LOADOUT_SHARDS`` shards) gives an entity."""
+    return PartitionMap(1, initial_owners(DEFAULT_PARTITIONS, shards)).shard_of(entity_id)
 
 
 def new_user(prefix: str = "u") -> str:

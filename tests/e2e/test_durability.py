@@ -15,7 +15,7 @@ from actors.routing import shard_name
 from actors.shard.link import Endpoint, decode_replies, encode_batch, frame
 from actors.shard.records import MOVED, BatchItem
 from protocol.messages import Purchase, Role
-from tests.e2e.support import Client, ServerProcess, new_user
+from tests.e2e.support import Client, ServerProcess, first_shard_of, new_user
 
 
 async def _snapshot(server: ServerProcess, users: list[str]) -> dict[str, Any]:
@@ -157,8 +157,6 @@ async def test_graceful_stop_keeps_everything(fresh_server: ServerProcess) -> No
 async def test_idle_users_are_passivated_and_come_back(ray_address: str, tmp_path: object) -> None:
     from pathlib import Path
 
-    from actors.routing import shard_of
-
     server = ServerProcess(
         Path(str(tmp_path)) / "p", ray_address, env={"LOADOUT_IDLE_SECONDS": "1"}
     )
@@ -171,7 +169,7 @@ async def test_idle_users_are_passivated_and_come_back(ray_address: str, tmp_pat
             buy = {"type": "purchase", "key": "once", "sku": "plat.booster.xp", "price": 5}
             first = await c.request(buy)
             shard = ray.get_actor(
-                shard_name(shard_of(user, server.shards)), namespace=server.namespace
+                shard_name(first_shard_of(user, server.shards)), namespace=server.namespace
             )
             for _ in range(50):
                 stats = await shard.stats.remote()

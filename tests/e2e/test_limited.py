@@ -11,9 +11,9 @@ import ray
 
 from actors.allowance import allowance_id
 from actors.catalog import demo_catalog_text
-from actors.routing import shard_name, shard_of
+from actors.routing import shard_name
 from protocol.messages import Role
-from tests.e2e.support import Client, ServerProcess, new_user
+from tests.e2e.support import Client, ServerProcess, first_shard_of, new_user
 from tests.e2e.test_cli import make_database
 
 EXTRA = """
@@ -68,7 +68,7 @@ async def test_stock_survives_a_crash_of_its_shard(
     users = [new_user("b") for _ in range(200)]
     clients = [await Client.open(server, u) for u in users]
     try:
-        stock_shard = shard_of(allowance_id("stock", "lim.skin"), server.shards)
+        stock_shard = first_shard_of(allowance_id("stock", "lim.skin"), server.shards)
         actor = ray.get_actor(shard_name(stock_shard), namespace=server.namespace)
         buy = {"type": "purchase", "sku": "lim.skin", "price": 10}
         crash = asyncio.get_running_loop().call_later(

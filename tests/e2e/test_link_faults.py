@@ -11,9 +11,9 @@ import time
 import asyncpg
 import ray
 
-from actors.routing import shard_name, shard_of
+from actors.routing import shard_name
 from protocol.messages import Role
-from tests.e2e.support import Client, ServerProcess, new_user
+from tests.e2e.support import Client, ServerProcess, first_shard_of, new_user
 
 
 async def test_a_fenced_shard_retires_and_the_gateway_follows_its_successor(
@@ -22,7 +22,7 @@ async def test_a_fenced_shard_retires_and_the_gateway_follows_its_successor(
     server = fresh_server.start()
     services = json.loads((server.data_dir / "run" / "services.json").read_text())
     user = new_user("z")
-    shard = shard_of(user, server.shards)
+    shard = first_shard_of(user, server.shards)
     actor = ray.get_actor(shard_name(shard), namespace=server.namespace)
     before = await actor.stats.remote()
     async with await Client.open(server, "ops", role=Role.ADMIN) as admin:
