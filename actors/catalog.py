@@ -151,6 +151,14 @@ class ItemSpec(Struct, kw_only=True, forbid_unknown_fields=True):
         return self.max_quantity if self.stackable else 1
 
     @property
+    def pack_gems(self) -> int:
+        """A gem pack's gems (a ``functional`` item with ``metadata.gems``), else 0."""
+        if self.delivery is not Delivery.FUNCTIONAL:
+            return 0
+        gems = self.metadata.get("gems", 0)
+        return gems if isinstance(gems, int) and not isinstance(gems, bool) else 0
+
+    @property
     def duration_ms(self) -> int | None:
         return None if self.duration is None else duration_seconds(self.duration) * 1000
 
@@ -231,6 +239,7 @@ def _check(doc: CatalogDocument) -> None:
             raise CatalogFileError(
                 f"{where}, field 'max_quantity': a non-stackable item is held once"
             )
+        _check_delivery(item, where)
         try:
             msgspec.json.encode(item.metadata)
         except (TypeError, msgspec.EncodeError):
@@ -247,6 +256,24 @@ def _check(doc: CatalogDocument) -> None:
     _check_promos(doc, items)
 
 
+def _check_delivery(item: ItemSpec, where: str) -> None:
+    """A gem pack credits gems and is never held; an item delivered outside
+    the game (email, physical) is never held either, so neither has a slot."""
+    gems = item.metadata.get("gems")
+    if item.delivery is Delivery.FUNCTIONAL and gems is not None:
+        if not isinstance(gems, int) or isinstance(gems, bool) or not 1 <= gems <= MAX_GEMS:
+            raise CatalogFileError(
+                f"{where}, field 'metadata': gems must be a whole number of gems >= 1"
+            )
+    outside = item.delivery in (Delivery.EMAIL, Delivery.PHYSICAL) or item.pack_gems
+    if outside and (item.slot is not None or item.duration is not None):
+        raise CatalogFileError(
+            f"{where}, field 'delivery': a {item.delivery} item is never held: no slot, no duration"
+        )
+    if outside and item.bundle is not None:
+        raise CatalogFileError(f"{where}, field 'delivery': a bundle is delivered in the game")
+
+
 def _check_bundle(item: ItemSpec, items: dict[str, ItemSpec]) -> None:
     where = f"item {item.sku!r}, field 'bundle'"
     if not item.bundle:
@@ -260,6 +287,8 @@ def _check_bundle(item: ItemSpec, items: dict[str, ItemSpec]) -> None:
             raise CatalogFileError(f"{where}: no item {line.sku!r} in this catalog")
         if inner.bundle is not None or inner.stock is not None:
             raise CatalogFileError(f"{where}: {line.sku!r} is itself a bundle or limited")
+        if inner.delivery in (Delivery.EMAIL, Delivery.PHYSICAL) or inner.pack_gems:
+            raise CatalogFileError(f"{where}: {line.sku!r} is not held, so not bundled")
         if line.sku in seen:
             raise CatalogFileError(f"{where}: {line.sku!r} is listed twice")
         seen.add(line.sku)

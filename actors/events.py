@@ -15,16 +15,22 @@ import msgspec
 from msgspec import Struct
 
 from protocol.messages import LedgerEntry, ServerReply
+from protocol.money import Address, OrderStatus, Tracking
 
 __all__ = [
     "Bought",
     "Change",
+    "ContactSet",
     "Credited",
     "Event",
     "Expired",
     "Line",
+    "OrderMoved",
+    "OrderOpened",
+    "PaidIn",
     "ProfileAdded",
     "PromoRedeemed",
+    "RefundedPurchase",
     "Renamed",
     "SlotCleared",
     "SlotFilled",
@@ -115,6 +121,61 @@ class SlotCleared(Event, tag="unequip"):
     slot: str
 
 
+class ContactSet(Event, tag="contact"):
+    """Where the user's vouchers and merchandise go (PROTOCOL.md §12)."""
+
+    email: str | None
+    address: Address | None
+
+
+class OrderOpened(Event, tag="order"):
+    """A purchase that needs the outside world (an email, a shop order):
+    written in the purchase's own change, so the outbox and the debit are
+    one durable fact.  Carries the contact the order goes to."""
+
+    order: str
+    purchase: str
+    sku: str
+    delivery: str
+    quantity: int
+    total: int
+    email: str | None = None
+    address: Address | None = None
+
+
+class OrderMoved(Event, tag="order_moved"):
+    """An order's new status; ``refund`` gems come back with it (a failed or
+    cancelled order), ``charge`` gems are debited (an operator's retry)."""
+
+    order: str
+    status: OrderStatus
+    voucher: str | None = None
+    tracking: Tracking | None = None
+    shop_order: str | None = None
+    refund: int = 0
+    charge: int = 0
+
+
+class RefundedPurchase(Event, tag="refund"):
+    """An operator's refund: ``amount`` gems back, the ``gems`` the purchase
+    had credited (a bundle's, a gem pack's) taken back.  The items leave
+    through ``UsedUp`` events in the same change."""
+
+    purchase: str
+    amount: int
+    gems: int = 0
+
+
+class PaidIn(Event, tag="payment"):
+    """A payment provider's transaction: ``gems`` credited (a top-up), or,
+    ``refunded``, the transaction's gems taken back (a chargeback): what the
+    balance cannot cover becomes debt."""
+
+    transaction: str
+    gems: int
+    refunded: bool = False
+
+
 AnyEvent = (
     Credited
     | Bought
@@ -125,6 +186,11 @@ AnyEvent = (
     | Expired
     | Renamed
     | PromoRedeemed
+    | ContactSet
+    | OrderOpened
+    | OrderMoved
+    | RefundedPurchase
+    | PaidIn
 )
 
 

@@ -15,27 +15,42 @@ user, which is what serializes mutations of one user without locks.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import msgspec
-from msgspec import Struct
 
+from actors import money, orders
 from actors.catalog import Catalog
 from actors.events import (
     AnyEvent,
     Bought,
     Change,
+    ContactSet,
     Credited,
     Expired,
     Line,
+    OrderMoved,
+    OrderOpened,
+    PaidIn,
     ProfileAdded,
     PromoRedeemed,
+    RefundedPurchase,
     Renamed,
     SlotCleared,
     SlotFilled,
     UsedUp,
+)
+from actors.money import PurchaseFacts, unequip_everywhere
+from actors.state import (
+    KEYS_IN_MEMORY,
+    LEDGER_IN_MEMORY,
+    Holding,
+    KeyRecord,
+    OrderMemo,
+    Profile,
+    TopUpMemo,
+    UserState,
 )
 from protocol.errors import ErrorCode, RequestError
 from protocol.messages import (
@@ -44,6 +59,7 @@ from protocol.messages import (
     Consume,
     Consumed,
     CreateProfile,
+    Delivery,
     Equip,
     Equipped,
     Grant,
@@ -56,7 +72,6 @@ from protocol.messages import (
     LoadoutPush,
     ProfileCreated,
     ProfileRenamed,
-    ProfileView,
     Purchase,
     Purchased,
     Redeem,
@@ -65,9 +80,24 @@ from protocol.messages import (
     Reply,
     ServerMessage,
     ServerReply,
-    StateReply,
     Unequip,
     Unequipped,
+)
+from protocol.money import (
+    AdvanceOrder,
+    CancelOrder,
+    Contact,
+    FulfillmentPush,
+    OrderCancelled,
+    OrderStatus,
+    OrderUpdated,
+    Payment,
+    PaymentApplied,
+    Refund,
+    Refunded,
+    RetryOrder,
+    SetContact,
+    ShipOrder,
 )
 
 __all__ = [
@@ -77,6 +107,7 @@ __all__ = [
     "Holding",
     "KeyRecord",
     "Mutation",
+    "OrderMemo",
     "Outcome",
     "Profile",
     "UserState",
@@ -91,131 +122,12 @@ __all__ = [
 MAX_PROFILES = 32
 MAX_INVENTORY_ENTRIES = 10_000
 MAX_HELD = 2**31 - 1
-#: Durable idempotency keys kept in memory per user; older ones are looked up
-#: in the journal, which keeps them.  Keys not yet durable are never dropped
-#: from memory (DESIGN.md, "Exactly once, whatever the history").
-KEYS_IN_MEMORY = 256
-#: Ledger entries kept in memory per user (a full ``history`` page).
-LEDGER_IN_MEMORY = 200
 MAIN_PROFILE = "main"
 
-Mutation = Purchase | Consume | CreateProfile | Equip | Unequip | Grant | RenameProfile | Redeem
-
-
-class Holding(Struct):
-    quantity: int
-    expires_at: int | None = None
-
-
-class Profile(Struct):
-    game: str | None
-    equipped: dict[str, str] = {}
-
-
-class Snapshot(Struct, array_like=True):
-    """What the ``users`` row keeps besides version and balance."""
-
-    inventory: dict[str, Holding]
-    profiles: dict[str, Profile]
-    recent: dict[str, list[int]] = {}
-    redeemed: list[str] = []
-
-
-class KeyRecord(NamedTuple):
-    """What an idempotency key resolves to: the request's fingerprint, the
-    original reply (without rid), and the version of the change that used it."""
-
-    fingerprint: bytes
-    reply: ServerReply
-    version: int
-
-
-@dataclass(eq=False)
-class UserState:
-    user_id: str
-    version: int = 0
-    balance: int = 0
-    inventory: dict[str, Holding] = field(default_factory=dict)
-    profiles: dict[str, Profile] = field(default_factory=dict)
-    #: Times (ms) of the latest purchases of items with a purchase limit.
-    recent: dict[str, list[int]] = field(default_factory=dict)
-    #: Promo codes this user has redeemed (each at most once).
-    redeemed: set[str] = field(default_factory=set)
-    #: Idempotency records in memory, oldest first: every key whose change is
-    #: not yet durable, and the latest durable ones (see ``trim_keys``).
-    keys: OrderedDict[str, KeyRecord] = field(default_factory=OrderedDict)
-    #: True while ``keys`` holds every key this user ever used.
-    keys_complete: bool = True
-    #: The highest version known to be durable (the shard sets it after a flush).
-    durable_version: int = 0
-    ledger: deque[LedgerEntry] = field(default_factory=lambda: deque(maxlen=LEDGER_IN_MEMORY))
-    #: True while ``ledger`` holds every ledger entry this user has.
-    ledger_complete: bool = True
-
-    _snapshot_encoder = msgspec.msgpack.Encoder()
-    _snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
-
-    def snapshot(self) -> bytes:
-        return self._snapshot_encoder.encode(
-            Snapshot(self.inventory, self.profiles, self.recent, sorted(self.redeemed))
-        )
-
-    @classmethod
-    def restore(cls, user_id: str, version: int, balance: int, snapshot: bytes) -> UserState:
-        snap = cls._snapshot_decoder.decode(snapshot)
-        return cls(
-            user_id,
-            version,
-            balance,
-            snap.inventory,
-            snap.profiles,
-            snap.recent,
-            set(snap.redeemed),
-            keys_complete=False,
-            ledger_complete=False,
-            durable_version=version,
-        )
-
-    def remember(self, key: str, record: KeyRecord) -> None:
-        """Keep a key's record in memory (a new change's, or one read back
-        from the journal).  Nothing is dropped here: see ``trim_keys``."""
-        self.keys[key] = record
-        self.keys.move_to_end(key)
-
-    def mark_durable(self, version: int) -> None:
-        self.durable_version = max(self.durable_version, version)
-
-    def trim_keys(self, keep: int = KEYS_IN_MEMORY) -> int:
-        """Drop the oldest records beyond ``keep``, durable ones only: a key
-        must stay reachable from the moment its change is applied, in memory
-        until the journal's index has it.  The shard calls this only when no
-        batch is between looking keys up and applying (``ShardHost``).
-        Returns how many were dropped."""
-        dropped = 0
-        while len(self.keys) > keep:
-            key, record = next(iter(self.keys.items()))
-            if record.version > self.durable_version:
-                break
-            del self.keys[key]
-            dropped += 1
-        if dropped:
-            self.keys_complete = False
-        return dropped
-
-    def view(self, rid: str | int | None = None) -> StateReply:
-        return StateReply(
-            rid=rid,
-            user=self.user_id,
-            version=self.version,
-            balance=self.balance,
-            inventory=[
-                InventoryEntry(sku, h.quantity, h.expires_at)
-                for sku, h in sorted(self.inventory.items())
-            ],
-            profiles=[
-                ProfileView(name, p.game, dict(p.equipped)) for name, p in self.profiles.items()
-            ],
-        )
+Mutation = (
+    Purchase | Consume | CreateProfile | Equip | Unequip | Grant | RenameProfile | Redeem
+    | SetContact | CancelOrder | Refund | RetryOrder | ShipOrder | AdvanceOrder | Payment
+)  # fmt: skip
 
 
 @dataclass
@@ -264,6 +176,21 @@ def _canonical(request: Mutation) -> tuple[object, ...]:
             return ("equip", request.profile, request.slot, request.sku)
         case Unequip():
             return ("unequip", request.profile, request.slot)
+        case SetContact():
+            return ("set_contact", request.key, request.email, request.address)
+        case CancelOrder():
+            return ("cancel_order", request.key, request.order)
+        case Refund():
+            return ("refund", request.key, request.user, request.purchase, request.reason)
+        case RetryOrder():
+            return ("retry_order", request.order)
+        case ShipOrder():
+            return ("ship_order", request.order, request.carrier, request.number, request.url)
+        case AdvanceOrder():
+            return ("advance_order", request.key, request.order, request.status,
+                    request.voucher, request.tracking, request.shop_order)  # fmt: skip
+        case Payment():
+            return ("payment", request.key, request.transaction, request.gems, request.refunded)
     raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
 
 
@@ -289,8 +216,10 @@ def same_request(stored: bytes, request: Mutation) -> bool:
 def scoped_key(request: Mutation) -> str | None:
     """Player keys and operator grant keys live apart: a player cannot
     collide with (or replay) an operator's grant."""
-    if isinstance(request, Grant):
+    if isinstance(request, Grant | Refund):
         return "a:" + request.key
+    if isinstance(request, AdvanceOrder | Payment):
+        return "i:" + request.key  # the server's own: apart from players' and operators'
     key = getattr(request, "key", None)
     return None if key is None else "p:" + key
 
@@ -301,20 +230,27 @@ def handle(
     catalog: Catalog,
     now: int,
     allowance: bool | None = None,
+    facts: PurchaseFacts | None = None,
 ) -> Outcome:
     """Decide and apply one mutation.  Raises ``RequestError`` having changed nothing.
 
     The caller must have loaded the request's idempotency record into
     ``state.keys`` if it exists (see ``scoped_key``) before calling.  For a
     limited item or a promo code, ``allowance`` says whether the shared
-    allowance was reserved for this request (see ``actors.allowance``).
+    allowance was reserved for this request (see ``actors.allowance``).  For
+    a ``refund``, ``facts`` is what the refunded purchase did (read back from
+    the journal), or None when the user made no such purchase.
     """
     key = scoped_key(request)
     if key is not None:
         seen = state.keys.get(key)
         if seen is not None:
             return Outcome(replay(seen, request))
-    events = _decide(state, request, catalog, now, allowance)
+    events = (
+        money.decide_refund(state, request, facts, orders.order_of(request.purchase))
+        if isinstance(request, Refund)
+        else _decide(state, request, catalog, now, allowance)
+    )
     if not events:  # nothing to change (e.g. equipping what is already equipped)
         return Outcome(msgspec.structs.replace(_reply(state, request, None), rid=request.rid))
     change = _change(state, now, request.__struct_config__.tag, events, key)  # type: ignore[arg-type]
@@ -364,7 +300,7 @@ def _decide(
                     f"you hold {held.quantity if held else 0} of {request.sku!r}",
                 )
             return [
-                *_unequip_everywhere(state, request.sku, held.quantity - request.quantity),
+                *unequip_everywhere(state, request.sku, held.quantity - request.quantity),
                 UsedUp(request.sku, request.quantity),
             ]
         case CreateProfile():
@@ -390,6 +326,18 @@ def _decide(
             return [Credited(request.amount, "grant", request.reason)]
         case RenameProfile():
             return _decide_rename(state, request, catalog)
+        case SetContact():
+            return orders.decide_set_contact(state, request)
+        case CancelOrder():
+            return orders.decide_cancel(state, request)
+        case AdvanceOrder():
+            return orders.decide_advance(state, request)
+        case RetryOrder():
+            return orders.decide_retry(state, request)
+        case ShipOrder():
+            return orders.decide_ship(state, request)
+        case Payment():
+            return money.decide_payment(state, request)
     raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
 
 
@@ -410,7 +358,7 @@ def _decide_rename(state: UserState, request: RenameProfile, catalog: Catalog) -
         raise RequestError(ErrorCode.NOT_OWNED, "renaming a profile takes a name-change card")
     card = cards[0]
     remaining = state.inventory[card].quantity - 1
-    return [*_unequip_everywhere(state, card, remaining), UsedUp(card, 1),
+    return [*unequip_everywhere(state, card, remaining), UsedUp(card, 1),
             Renamed(request.profile, request.name)]  # fmt: skip
 
 
@@ -426,7 +374,7 @@ def expire_due(state: UserState, now: int) -> Change | None:
         return None
     events: list[AnyEvent] = []
     for sku in due:
-        events += _unequip_everywhere(state, sku, 0)
+        events += unequip_everywhere(state, sku, 0)
         events.append(Expired(sku))
     change = _change(state, now, "expire", events, None)
     evolve(state, change)
@@ -458,6 +406,13 @@ def _decide_purchase(
         if item.bundle is not None
         else [(item.sku, request.quantity)]
     )
+    ordered = item.bundle is None and item.delivery in (Delivery.EMAIL, Delivery.PHYSICAL)
+    pack = item.pack_gems
+    if ordered or pack:
+        lines = []  # delivered outside, or a gem pack: nothing is held
+        cap = item.hold_cap
+        if ordered and cap is not None and request.quantity > cap:
+            raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"at most {cap} of {item.sku!r} at once")
     # A bundle's own duration, if it has one, applies to everything it grants.
     duration = item.duration_ms if item.bundle is not None else None
     grants = [_grant_line(state, catalog, sku, quantity, now, duration) for sku, quantity in lines]
@@ -472,20 +427,29 @@ def _decide_purchase(
                 retry_after_ms=max(1, wait),
             )
     total = price * request.quantity
+    if state.debt:
+        raise RequestError(
+            ErrorCode.INSUFFICIENT_FUNDS, f"a debt of {state.debt} gems must be repaid first"
+        )
     if total > state.balance:
         raise RequestError(
             ErrorCode.INSUFFICIENT_FUNDS, f"{total} gems needed, {state.balance} held"
         )
-    gems = item.bundle_gems * request.quantity
+    gems = (item.bundle_gems + pack) * request.quantity
     if state.balance - total + gems > MAX_GEMS:
         raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the balance would exceed its cap")
+    purchase = purchase_id(state.user_id, state.version + 1)
+    events: list[AnyEvent] = []
+    if ordered:
+        events.append(
+            orders.order_to_open(state, item.sku, item.delivery, request.quantity, total, purchase)
+        )
     if item.stock is not None and not allowance:  # checked last: the saga reserved a unit
         if allowance is None:  # the state changed since the shard decided to reserve
             raise RequestError(ErrorCode.UNAVAILABLE, "please retry with the same key")
         raise RequestError(ErrorCode.SOLD_OUT, f"{request.sku!r} is sold out")
-    purchase = purchase_id(state.user_id, state.version + 1)
     track = limit.count if limit is not None else 0
-    return [Bought(purchase, item.sku, request.quantity, total, None, grants, gems, track)]
+    return [Bought(purchase, item.sku, request.quantity, total, None, grants, gems, track), *events]
 
 
 def redeem_check(state: UserState, request: Redeem, catalog: Catalog, now: int) -> None:
@@ -573,18 +537,6 @@ def _decide_equip(state: UserState, request: Equip, catalog: Catalog) -> list[An
     return [SlotFilled(request.profile, request.slot, request.sku)]
 
 
-def _unequip_everywhere(state: UserState, sku: str, remaining: int) -> list[AnyEvent]:
-    """An item that leaves the inventory is unequipped everywhere (PROTOCOL.md §3)."""
-    if remaining > 0:
-        return []
-    return [
-        SlotCleared(name, slot)
-        for name, profile in state.profiles.items()
-        for slot, equipped in profile.equipped.items()
-        if equipped == sku
-    ]
-
-
 def _profile(state: UserState, name: str) -> Profile:
     profile = state.profiles.get(name)
     if profile is None:
@@ -604,14 +556,18 @@ def evolve(state: UserState, change: Change) -> None:
         raise ValueError(f"change {change.version} does not follow version {state.version}")
     ledger: LedgerEntry | None = None
     client_key = change.key[2:] if change.key else None
+
+    def entry(kind: str, amount: int, sku: str | None = None, quantity: int | None = None) -> None:
+        nonlocal ledger
+        ledger = LedgerEntry(
+            seq=change.version, at=change.at, kind=kind, amount=amount,
+            balance=state.balance, sku=sku, quantity=quantity, key=client_key,
+        )  # fmt: skip
+
     for event in change.events:
         match event:
             case Credited(amount=amount, kind=kind):
-                state.balance += amount
-                ledger = LedgerEntry(
-                    seq=change.version, at=change.at, kind=kind, amount=amount,
-                    balance=state.balance, key=client_key,
-                )  # fmt: skip
+                entry(kind, money.credit(state, amount))
             case Bought(sku=sku, quantity=quantity, total=total):
                 grants = event.grants
                 if grants is None:  # the record format before bundles
@@ -622,18 +578,11 @@ def evolve(state: UserState, change: Change) -> None:
                     times = state.recent.setdefault(sku, [])
                     times.append(change.at)
                     del times[: -event.track]
-                ledger = LedgerEntry(
-                    seq=change.version, at=change.at, kind="purchase", amount=event.gems - total,
-                    balance=state.balance, sku=sku, quantity=quantity, key=client_key,
-                )  # fmt: skip
+                entry("purchase", event.gems - total, sku, quantity)
             case PromoRedeemed(code=code, gems=gems, grants=grants):
-                state.balance += gems
                 _grant(state, grants)
                 state.redeemed.add(code)
-                ledger = LedgerEntry(
-                    seq=change.version, at=change.at, kind="promo", amount=gems,
-                    balance=state.balance, key=client_key,
-                )  # fmt: skip
+                entry("promo", money.credit(state, gems))
             case Expired(sku=sku):
                 del state.inventory[sku]
             case Renamed(profile=old, name=new):
@@ -651,12 +600,44 @@ def evolve(state: UserState, change: Change) -> None:
                 state.profiles[name].equipped[slot] = sku
             case SlotCleared(profile=name, slot=slot):
                 del state.profiles[name].equipped[slot]
+            case _:
+                _evolve_money(state, event, change.at, entry)
     state.version = change.version
     change.ledger = ledger
     if ledger is not None:
         if len(state.ledger) == state.ledger.maxlen:
             state.ledger_complete = False  # the oldest entry leaves memory
         state.ledger.append(ledger)
+
+
+def _evolve_money(state: UserState, event: AnyEvent, at: int, entry: Callable[..., None]) -> None:
+    """The events of PROTOCOL.md §12 (orders, contacts, refunds, payments)."""
+    match event:
+        case ContactSet(email=email, address=address):
+            state.email, state.address = email, address
+        case OrderOpened():
+            orders.open_order(state, event, at)
+        case OrderMoved(refund=refund, charge=charge):
+            orders.move_order(state, event)
+            sku = state.orders[event.order].sku
+            if refund:
+                entry("refund", money.credit(state, refund), sku)
+            if charge:
+                state.balance -= charge
+                entry("purchase", -charge, sku)
+        case RefundedPurchase(purchase=purchase, amount=amount, gems=gems):
+            state.refunded.add(purchase)
+            state.balance -= gems
+            entry("refund", money.credit(state, amount) - gems)
+        case PaidIn(transaction=transaction, gems=gems, refunded=False):
+            state.topups[transaction] = TopUpMemo(gems)
+            entry("topup", money.credit(state, gems))
+        case PaidIn(transaction=transaction, gems=gems, refunded=True):
+            seen = state.topups.setdefault(transaction, TopUpMemo(0))
+            seen.refunded = True
+            entry("chargeback", money.charge_back(state, gems))
+        case _:  # pragma: no cover
+            raise AssertionError(f"unknown event {event!r}")
 
 
 def _grant(state: UserState, grants: list[Line]) -> None:
@@ -699,6 +680,36 @@ def _reply(state: UserState, request: Mutation, change: Change | None) -> Server
                 items=[BundleEntry(g.sku, g.quantity) for g in redeemed.grants],
                 balance=state.balance, version=version,
             )  # fmt: skip
+        case _:
+            return _reply_money(state, request, change)
+    raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
+
+
+def _reply_money(state: UserState, request: Mutation, change: Change | None) -> ServerReply:
+    version = state.version
+    match request:
+        case SetContact():
+            return Contact(email=state.email, address=state.address, version=version)
+        case CancelOrder():
+            memo = state.orders[request.order]
+            return OrderCancelled(
+                order=request.order, refunded=memo.total, balance=state.balance, version=version
+            )
+        case Refund():
+            moved = change.events[-1] if change else None
+            assert isinstance(moved, RefundedPurchase)
+            return Refunded(
+                user=state.user_id, purchase=moved.purchase, amount=moved.amount,
+                balance=state.balance, version=version,
+            )  # fmt: skip
+        case RetryOrder() | ShipOrder() | AdvanceOrder():
+            status = state.orders[request.order].status
+            return OrderUpdated(order=request.order, status=status, version=version)
+        case Payment():
+            return PaymentApplied(
+                transaction=request.transaction, balance=state.balance, debt=state.debt,
+                version=version,
+            )  # fmt: skip
     raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
 
 
@@ -712,8 +723,6 @@ def pushes(state: UserState, change: Change) -> list[ServerMessage]:
     skus: list[str] = []
     for event in change.events:
         match event:
-            case Credited():
-                money = True
             case Bought(sku=sku, grants=grants):
                 money = True
                 skus += [line.sku for line in grants] if grants is not None else [sku]
@@ -727,6 +736,21 @@ def pushes(state: UserState, change: Change) -> list[ServerMessage]:
             case Renamed(profile=old, name=new):
                 renamed[old] = new
                 profiles.add(old)
+            case Credited() | RefundedPurchase() | PaidIn():
+                money = True
+            case OrderOpened(order=order, sku=sku):
+                out.append(
+                    FulfillmentPush(order=order, sku=sku, status=OrderStatus.PENDING,
+                                    voucher=None, tracking=None, version=state.version)
+                )  # fmt: skip
+            case OrderMoved(order=order, refund=refund, charge=charge):
+                memo = state.orders[order]
+                out.append(
+                    FulfillmentPush(order=order, sku=memo.sku, status=event.status,
+                                    voucher=event.voucher, tracking=event.tracking,
+                                    version=state.version)
+                )  # fmt: skip
+                money = money or bool(refund or charge)
     for sku in skus:
         held = state.inventory.get(sku)
         items[sku] = InventoryEntry(

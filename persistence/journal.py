@@ -53,6 +53,7 @@ __all__ = [
     "JournalError",
     "JournalRecord",
     "LedgerRow",
+    "OrderWrite",
     "UserRow",
 ]
 
@@ -82,6 +83,20 @@ class LedgerRow(NamedTuple):
     key: str | None
 
 
+class OrderWrite(NamedTuple):
+    """What a change does to the ``orders`` outbox: opens an order (``opened``:
+    purchase, sku, delivery, quantity, total, email, address as JSON) or moves
+    it to ``status`` (with the voucher, tracking as JSON, shop order id)."""
+
+    order: str
+    at: int
+    status: str
+    opened: tuple[str, str, str, int, int, str | None, str | None] | None = None
+    voucher: str | None = None
+    tracking: str | None = None
+    shop_order: str | None = None
+
+
 class JournalRecord(NamedTuple):
     user_id: str
     version: int
@@ -94,6 +109,8 @@ class JournalRecord(NamedTuple):
     #: this record: (reservation id, its deadline, "sold" or "released").  A
     #: reservation ends once: a second outcome rejects its entity's records.
     outcome: tuple[str, int, str] | None = None
+    #: The change's orders, written in the same flush (PROTOCOL.md §12).
+    orders: tuple[OrderWrite, ...] = ()
 
 
 class UserRow(NamedTuple):
@@ -308,6 +325,7 @@ class Journal:
             base.setdefault(record.user_id, record.version - 1)
         ledger = [(r.user_id, *r.ledger) for r in records if r.ledger is not None]
         outcomes = [(r.user_id, *r.outcome) for r in records if r.outcome is not None]
+        opened, moved = _order_rows(records)
         users = list(rows)
         try:
             rejected: list[str] = await self._pool.fetchval(
@@ -324,6 +342,8 @@ class Journal:
                 [rows[u].next_expiry for u in users],
                 [self._partition_of(u) for u in users],
                 *_columns(outcomes, 4),
+                *_columns(opened, 10),
+                *_columns(moved, 7),
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == "LF001":
@@ -349,7 +369,35 @@ def _unsound(records: list[JournalRecord], rows: dict[str, UserRow]) -> set[str]
     return unsound
 
 
-_FLUSH = "SELECT loadout_flush(" + ", ".join(f"${i}" for i in range(1, 29)) + ")"
+def _order_rows(
+    records: list[JournalRecord],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The flush's order rows: orders opened, and each moved order's last
+    status (with the latest voucher, tracking and shop order seen), so one
+    row per order whatever number of changes moved it."""
+    opened: list[tuple[Any, ...]] = []
+    moved: dict[str, list[Any]] = {}
+    for record in records:
+        for write in record.orders:
+            if write.opened is not None:
+                opened.append((record.user_id, write.order, *write.opened, write.at))
+                continue
+            row = moved.get(write.order)
+            if row is None:
+                moved[write.order] = [
+                    record.user_id, write.order, write.status, write.voucher,
+                    write.tracking, write.shop_order, write.at,
+                ]  # fmt: skip
+                continue
+            row[2] = write.status
+            row[3] = write.voucher or row[3]
+            row[4] = write.tracking or row[4]
+            row[5] = write.shop_order or row[5]
+            row[6] = write.at
+    return opened, [tuple(row) for row in moved.values()]
+
+
+_FLUSH = "SELECT loadout_flush(" + ", ".join(f"${i}" for i in range(1, 46)) + ")"
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

@@ -28,6 +28,12 @@ Tables:
                      code ended (sold or released): once.
 ``cluster_settings`` what every process of the cluster must agree on (the
                      partition count, a digest of the secret).
+``orders``           the fulfillment outbox (PROTOCOL.md §12): one row per
+                     order, created in the flush of the purchase that opened
+                     it; its status moves only in its user's flushes, the
+                     worker's columns (attempts, next_attempt_at, voucher,
+                     shop_order, last_error) only by the fulfillment worker.
+``webhook_events``   the shop's and the payment provider's deliveries seen.
 ``cluster_map``,     the partition map: which shard owns each partition, and
 ``partition_map``    the epoch of the map (bumped by every change) and of each
                      partition's last move.  A flush writes an entity only
@@ -153,6 +159,41 @@ MIGRATIONS: list[str] = [
         epoch       bigint NOT NULL
     );
     """,
+    # 8: fulfillment (PROTOCOL.md §12): the orders outbox, written in the same
+    # flush as the purchase's debit, and inbound webhook deliveries.
+    """
+    CREATE TABLE orders (
+        order_id        text PRIMARY KEY,
+        user_id         text NOT NULL,
+        purchase        text NOT NULL,
+        sku             text NOT NULL,
+        delivery        text NOT NULL,
+        quantity        integer NOT NULL,
+        total           bigint NOT NULL,
+        status          text NOT NULL,
+        email           text,
+        address         jsonb,
+        voucher         text UNIQUE,
+        tracking        jsonb,
+        shop_order      text,
+        attempts        integer NOT NULL DEFAULT 0,
+        next_attempt_at timestamptz NOT NULL DEFAULT now(),
+        last_error      text,
+        created_at      bigint NOT NULL,
+        updated_at      bigint NOT NULL
+    );
+    CREATE INDEX orders_by_user ON orders (user_id, created_at DESC, order_id DESC);
+    CREATE INDEX orders_due ON orders (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX orders_by_shop_order ON orders (shop_order) WHERE shop_order IS NOT NULL;
+    CREATE INDEX orders_by_status ON orders (status, created_at);
+    CREATE TABLE webhook_events (
+        source      text NOT NULL,
+        event_id    text NOT NULL,
+        received_at timestamptz NOT NULL DEFAULT now(),
+        outcome     text NOT NULL,
+        PRIMARY KEY (source, event_id)
+    );
+    """,
 ]
 
 #: The journal flush in one statement, so one round trip and one transaction
@@ -174,7 +215,11 @@ CREATE FUNCTION loadout_flush(
     l_balance bigint[], l_sku text[], l_quantity integer[], l_key text[],
     u_user text[], u_base bigint[], u_version bigint[], u_balance bigint[], u_state bytea[],
     u_next_expiry bigint[], u_partition integer[],
-    o_user text[], o_res text[], o_deadline bigint[], o_outcome text[]
+    o_user text[], o_res text[], o_deadline bigint[], o_outcome text[],
+    r_user text[], r_order text[], r_purchase text[], r_sku text[], r_delivery text[],
+    r_quantity integer[], r_total bigint[], r_email text[], r_address text[], r_at bigint[],
+    m_user text[], m_order text[], m_status text[], m_voucher text[], m_tracking text[],
+    m_shop text[], m_at bigint[]
 ) RETURNS text[] LANGUAGE plpgsql AS $$
 DECLARE
     owner bigint;
@@ -221,6 +266,25 @@ BEGIN
                               l_quantity, l_key)
                        AS l(user_id, seq, at, kind, amount, balance, sku, quantity, key)
                  WHERE l.user_id <> ALL (rejected);
+            INSERT INTO orders (order_id, user_id, purchase, sku, delivery, quantity, total,
+                                status, email, address, created_at, updated_at)
+                SELECT r.order_id, r.user_id, r.purchase, r.sku, r.delivery, r.quantity,
+                       r.total, 'pending', r.email, r.address::jsonb, r.at, r.at
+                  FROM unnest(r_user, r_order, r_purchase, r_sku, r_delivery, r_quantity,
+                              r_total, r_email, r_address, r_at)
+                       AS r(user_id, order_id, purchase, sku, delivery, quantity, total, email,
+                            address, at)
+                 WHERE r.user_id <> ALL (rejected);
+            UPDATE orders AS o
+               SET status = m.status, voucher = coalesce(m.voucher, o.voucher),
+                   tracking = coalesce(m.tracking::jsonb, o.tracking),
+                   shop_order = coalesce(m.shop, o.shop_order), updated_at = m.at,
+                   attempts = CASE WHEN m.status = 'pending' THEN 0 ELSE o.attempts END,
+                   next_attempt_at = CASE WHEN m.status = 'pending' THEN now()
+                                          ELSE o.next_attempt_at END
+              FROM unnest(m_user, m_order, m_status, m_voucher, m_tracking, m_shop, m_at)
+                   AS m(user_id, order_id, status, voucher, tracking, shop, at)
+             WHERE m.user_id <> ALL (rejected) AND o.order_id = m.order_id;
             UPDATE users AS u
                SET version = n.version, balance = n.balance, state = n.state,
                    next_expiry = n.next_expiry, updated_at = now()

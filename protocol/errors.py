@@ -35,6 +35,11 @@ class ErrorCode(StrEnum):
     SOLD_OUT = "sold_out"
     UNKNOWN_CODE = "unknown_code"
     CODE_EXPIRED = "code_expired"
+    # Fulfillment and money (PROTOCOL.md §12).
+    ADDRESS_REQUIRED = "address_required"
+    NOT_CANCELLABLE = "not_cancellable"
+    NOT_REFUNDABLE = "not_refundable"
+    UNKNOWN_ORDER = "unknown_order"
 
 
 class RequestError(Exception):

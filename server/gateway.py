@@ -75,6 +75,7 @@ from protocol.messages import (
 from protocol.messages import (
     Catalog as CatalogRequest,
 )
+from protocol.money import Refund, RetryOrder, ShipOrder
 from server.admission import serve_websockets
 from server.auth import AuthError, Identity, verify_token
 from server.batching import Backend, ShardBusy
@@ -449,6 +450,9 @@ class Gateway:
         self.on_disconnect: Callable[[str], None] = lambda user: None
         #: ``/readyz``: ready or not, and the JSON body (server/readiness.py).
         self.readiness: Callable[[], tuple[bool, bytes]] = lambda: (True, b"{}\n")
+        #: The user of an order (PROTOCOL.md §12 operator requests); the app sets it.
+        self.order_owner: Callable[[str], Awaitable[str | None]] | None = None
+        self._lookups: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._all: set[Client] = set()
         #: Open connections per client address (``server.admission.address_key``).
@@ -678,8 +682,9 @@ class Gateway:
                 )
                 self.metrics.count("categories", "ok")
                 return self._reply_now(client, client.codec.encode(reply))
-            case Grant() if identity.role is not Role.ADMIN:
-                return self._refuse(client, request.rid, _forbidden("grant"), "grant")
+            case Grant() | Refund() | RetryOrder() | ShipOrder() if identity.role is not Role.ADMIN:
+                kind = request.__struct_config__.tag
+                return self._refuse(client, request.rid, _forbidden(str(kind)), str(kind))
             case Inspect() if identity.role is Role.PLAYER:
                 return self._refuse(client, request.rid, _forbidden("inspect"), "inspect")
             case Watch() | Unwatch() if identity.role is Role.PLAYER:
@@ -688,7 +693,9 @@ class Gateway:
                 return self.watches.watch(self._watcher(client), request)
             case Unwatch():
                 return self.watches.unwatch(self._watcher(client), request)
-            case Grant() | Inspect():
+            case RetryOrder() | ShipOrder():
+                return self._route_order(client, request)
+            case Grant() | Inspect() | Refund():
                 user = request.user
             case _:
                 user = identity.user
@@ -715,6 +722,21 @@ class Gateway:
         except ShardBusy:
             error = RequestError(ErrorCode.UNAVAILABLE, "the server is overloaded; retry")
             return self._refuse(client, request.rid, error, kind)
+
+    def _route_order(self, client: Client, request: RetryOrder | ShipOrder) -> None:
+        """An operator's order request names the order, not its user: find the
+        user, then route as usual."""
+
+        async def route() -> None:
+            owner = None if self.order_owner is None else await self.order_owner(request.order)
+            if owner is None:
+                error = RequestError(ErrorCode.UNKNOWN_ORDER, f"no order {request.order!r}")
+                return self._refuse(client, request.rid, error, str(request.__struct_config__.tag))
+            self._route(client, owner, request)
+
+        task = asyncio.get_running_loop().create_task(route())
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
 
     def _answer_catalog(self, client: Client, request: CatalogRequest) -> None:
         catalog = self._catalog()

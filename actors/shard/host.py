@@ -42,10 +42,12 @@ import redis.asyncio as aioredis
 from actors.catalog import Catalog
 from actors.catalog_source import load_live_catalog
 from actors.events import Change
+from actors.money import PurchaseFacts
 from actors.routing import user_channel
 from actors.saga import STEP_TIMEOUT, Answer, Hold, HoldState, Result, SagaStep, settlement
 from actors.shard.coordinator import SagaCoordinator, StepCaller
 from actors.shard.expiry import ExpiryScheduler
+from actors.shard.fulfillment import OrdersQuery, answer_orders, load_refund_facts
 from actors.shard.history import HistoryPage, complete_history, page_from_memory
 from actors.shard.ownership import Ownership
 from actors.shard.partitioning import Partitions
@@ -72,6 +74,7 @@ from protocol.messages import (
     ServerMessage,
     State,
 )
+from protocol.money import Orders, Refund
 
 __all__ = ["ShardHost", "ShardSettings"]
 
@@ -111,7 +114,9 @@ class _Applying:
     now: int
     found: dict[tuple[str, str], KeyRecord]
     holds: dict[int, Hold]
-    replies: list[bytes | Reply | HistoryPage] = field(default_factory=list)
+    replies: list[bytes | Reply | HistoryPage | OrdersQuery] = field(default_factory=list)
+    #: Per batch index of a ``refund``: what its purchase did (None: no such purchase).
+    facts: dict[int, PurchaseFacts | None] = field(default_factory=dict)
     records: list[JournalRecord] = field(default_factory=list)
     #: (user, msgpack push) in order.
     pushes: list[tuple[str, bytes]] = field(default_factory=list)
@@ -311,10 +316,14 @@ class ShardHost:
             await self.refresh_catalog(catalog_version)
             await self.residents.activate(users, self.expiry.schedule)
             found = await self.residents.lookup_keys(_keys_of(batch))
+            facts = {}
+            if any(isinstance(request, Refund) for _, request in batch):
+                assert self._pool is not None
+                facts = await load_refund_facts(self._pool, batch)
             now = _now_ms()
             holds = await self.saga.reserve(batch, now, found)
             # No await from here until the records are handed to the journal.
-            work = _Applying(batch, now, found, holds)
+            work = _Applying(batch, now, found, holds, facts=facts)
             for i, (user_id, request) in enumerate(batch):
                 work.replies.append(self._apply_one(work, i, user_id, request))
             if work.doubted:
@@ -344,12 +353,15 @@ class ShardHost:
             if isinstance(reply, HistoryPage):
                 assert self._pool is not None
                 reply = await complete_history(self._pool, user_id, reply)
+            elif isinstance(reply, OrdersQuery):
+                assert self._pool is not None
+                reply = await answer_orders(self._pool, user_id, reply.request)
             out.append(reply if isinstance(reply, bytes) else self._encoder.encode(reply))
         return out
 
     def _apply_one(
         self, work: _Applying, i: int, user_id: str, request: ShardRequest
-    ) -> bytes | Reply | HistoryPage:
+    ) -> bytes | Reply | HistoryPage | OrdersQuery:
         hold = work.holds.get(i)
         if hold is not None:
             work.results[i] = Result.UNUSED  # unless its sale is recorded below
@@ -372,6 +384,8 @@ class ShardHost:
                     return state.view(request.rid)
                 case History():
                     return page_from_memory(state, request)
+                case Orders():
+                    return OrdersQuery(request)
                 case _:
                     key = scoped_key(request)
                     if key is not None and key not in state.keys:
@@ -379,7 +393,9 @@ class ShardHost:
                         if known is not None:  # read back from the journal before the apply
                             state.remember(key, known)
                     granted = None if hold is None else hold.state is HoldState.GRANTED
-                    outcome: Outcome = handle(state, request, self.catalog, work.now, granted)
+                    outcome: Outcome = handle(
+                        state, request, self.catalog, work.now, granted, work.facts.get(i)
+                    )
         except RequestError as exc:
             return error_reply(request.rid, exc.code, exc.message, exc.retry_after_ms)
         except Exception:
@@ -530,7 +546,9 @@ def _p99_ms(durations: Iterable[float]) -> float:
 
 
 def _key_of(request: ShardRequest) -> str | None:
-    return None if isinstance(request, State | Inspect | History) else scoped_key(request)
+    if isinstance(request, State | Inspect | History | Orders):
+        return None
+    return scoped_key(request)
 
 
 def _keys_of(batch: list[BatchItem]) -> list[tuple[str, str]]:

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import msgspec
 
-from actors.events import Change, encode_change
+from actors.events import Change, OrderMoved, OrderOpened, encode_change
 from actors.user import Mutation
-from persistence.journal import JournalRecord, LedgerRow
+from persistence.journal import JournalRecord, LedgerRow, OrderWrite
 from protocol.errors import ErrorCode
 from protocol.messages import Error, History, Inspect, State
+from protocol.money import Orders
 
 #: Requests a shard serves: mutations, and reads that need the user's state.
-ShardRequest = Mutation | State | Inspect | History
+ShardRequest = Mutation | State | Inspect | History | Orders
 #: One batch item: the user it acts for and the request.
 BatchItem = tuple[str, ShardRequest]
 
@@ -25,6 +26,7 @@ __all__ = ["MOVED", "BatchItem", "ShardRequest", "error_reply", "record_of"]
 MOVED = b""
 
 _encoder = msgspec.msgpack.Encoder()
+_json = msgspec.json.Encoder()
 
 
 def record_of(user_id: str, change: Change) -> JournalRecord:
@@ -37,8 +39,34 @@ def record_of(user_id: str, change: Change) -> JournalRecord:
             entry.sku, entry.quantity, entry.key,
         )  # fmt: skip
     return JournalRecord(
-        user_id, change.version, change.at, change.kind, change.key, encode_change(change), ledger
-    )
+        user_id, change.version, change.at, change.kind, change.key, encode_change(change),
+        ledger, None, _order_writes(change),
+    )  # fmt: skip
+
+
+def _order_writes(change: Change) -> tuple[OrderWrite, ...]:
+    writes: list[OrderWrite] = []
+    for event in change.events:
+        match event:
+            case OrderOpened():
+                address = None if event.address is None else _json.encode(event.address).decode()
+                opened = (event.purchase, event.sku, event.delivery, event.quantity,
+                          event.total, event.email, address)  # fmt: skip
+                writes.append(OrderWrite(event.order, change.at, "pending", opened))
+            case OrderMoved():
+                tracking = None if event.tracking is None else _json.encode(event.tracking)
+                writes.append(
+                    OrderWrite(
+                        event.order,
+                        change.at,
+                        event.status.value,
+                        None,
+                        event.voucher,
+                        None if tracking is None else tracking.decode(),
+                        event.shop_order,
+                    )
+                )
+    return tuple(writes)
 
 
 def error_reply(

@@ -552,7 +552,11 @@ def test_equip_for_the_wrong_game_is_incompatible(profile: str) -> None:
     ids=["game_item", "platform_item", "item_without_slot"],
 )  # fmt: skip
 def test_equip_in_the_wrong_slot_is_incompatible(sku: str, slot: str) -> None:
-    state = owning((sku, 1), profiles=("br",))
+    if sku == VOUCHER:  # no longer held when bought (an order); held from before
+        state = owning(profiles=("br",))
+        state.inventory[VOUCHER] = Holding(1)
+    else:
+        state = owning((sku, 1), profiles=("br",))
     refused(state, Equip(profile="br", slot=slot, sku=sku), ErrorCode.INCOMPATIBLE)
 
 

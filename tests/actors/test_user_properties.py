@@ -119,6 +119,7 @@ SKUS = [
     "plat.card.rename",
     "plat.voucher.steam10",
     "merch.tshirt.logo",
+    "plat.gems.bonus",
     "plat.vault.key",
     "br.glider.phoenix",
     "br.rifle.legacy",
