@@ -28,6 +28,7 @@ __all__ = [
     "order_owner",
     "orders_report",
     "record_webhook",
+    "shop_order_of",
 ]
 
 
@@ -117,6 +118,13 @@ async def note_failure(pool: asyncpg.Pool, order: str, error: str, retry_in: flo
         error[:500],
         retry_in,
     )
+
+
+async def shop_order_of(pool: asyncpg.Pool, order: str) -> str | None:
+    shop_order: str | None = await pool.fetchval(
+        "SELECT shop_order FROM orders WHERE order_id = $1", order
+    )
+    return shop_order
 
 
 async def order_owner(pool: asyncpg.Pool, order: str) -> str | None:

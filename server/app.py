@@ -34,6 +34,8 @@ from server.admission import FD_HEADROOM, raise_fd_limit
 from server.batching import Backend, ShardBatcher
 from server.config import Settings
 from server.gateway import Gateway, GatewayLimits
+from persistence.orders import order_owner
+from server.commerce import Commerce, CommerceSettings
 from server.http import HttpServer
 from server.local_ray import record_ray_processes, start_ray, start_reaper
 from server.metrics import Metrics
@@ -198,11 +200,16 @@ async def serve_async(
         readiness = Readiness(pool, redis, getattr(backend, "batchers", []), metrics)
         await readiness.start()
         gateway.readiness = readiness.body
+        commerce = Commerce(
+            CommerceSettings.from_env(settings.data_dir), pool, backend, holder.current
+        )
+        gateway.order_owner = functools.partial(order_owner, pool)
         http = HttpServer(
             settings.host, settings.http_port, metrics=metrics.render, readiness=readiness.body,
-            reuse_port=settings.reuse_port,
+            reuse_port=settings.reuse_port, routes=commerce.routes,
         )  # fmt: skip
         await http.start()
+        commerce.start()
         await gateway.start(settings.host, settings.port, reuse_port=settings.reuse_port)
         from actors.shard.actor import tune_collector
 
@@ -238,6 +245,7 @@ async def serve_async(
             await listed
         if shard_watch is not None:
             shard_watch.cancel()
+        await commerce.close()
         await backend.close()
         await fanout.close()
         await http.close()

@@ -40,6 +40,7 @@ class HttpServer:
         metrics: Callable[[], bytes],
         readiness: Callable[[], tuple[bool, bytes]],
         reuse_port: bool = False,
+        routes: list[Route] | None = None,
     ) -> None:
         async def healthz(request: Request) -> Response:
             return PlainTextResponse("ok\n")
@@ -56,6 +57,7 @@ class HttpServer:
                 Route("/healthz", healthz),
                 Route("/readyz", readyz),
                 Route("/metrics", render),
+                *(routes or []),
             ]
         )
         config = uvicorn.Config(
