@@ -61,7 +61,7 @@ def test_a_fulfillment_is_a_shipment_of_the_shops_order() -> None:
             order=None,
             shop_order="820982911946154508",
             kind="shipped",
-            tracking=Tracking("UPS", "1Z2345", FULFILLMENT["tracking_url"]),  # type: ignore[arg-type]
+            tracking=Tracking("UPS", "1Z2345", str(FULFILLMENT["tracking_url"])),
         )
 
 
