@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import html
 import os
+import secrets
 import ssl
 import string
 import tempfile
@@ -43,10 +44,16 @@ __all__ = [
     "mailer_from",
     "message_id",
     "render",
+    "voucher_code",
 ]
 
 #: Header naming the order a message fulfils (the outbox files it by this).
 ORDER_HEADER: Final = "X-Loadout-Order"
+#: Crockford's base32: no I, L, O or U, so a code read aloud or retyped
+#: cannot be misread.
+CODE_ALPHABET: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: Characters of a voucher code: 20 of 32 symbols, 100 bits from ``secrets``.
+CODE_LENGTH: Final = 20
 #: Seconds each SMTP step (connect, each command, the data) may take.
 DEFAULT_TIMEOUT: Final = 30.0
 
@@ -62,6 +69,15 @@ class Voucher:
     item_name: str
     quantity: int
     code: str
+
+
+def voucher_code() -> str:
+    """A new unguessable voucher code, grouped by four: ``XXXX-XXXX-XXXX-XXXX-XXXX``.
+
+    Unique in practice (100 random bits); the store's unique constraint on
+    codes stays the last line of defence."""
+    symbols = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+    return "-".join(symbols[i : i + 4] for i in range(0, CODE_LENGTH, 4))
 
 
 class MailError(Exception):
@@ -127,7 +143,7 @@ def render(voucher: Voucher, sender: str, *, now: datetime | None = None) -> Ema
     return message
 
 
-class SmtpMailer:
+class SmtpMailer(Mailer):
     """Sends over SMTP: ``smtp://[user:pass@]host[:port]`` (STARTTLS whenever
     the server offers it) or ``smtps://...`` (TLS from the first byte).
 
@@ -197,7 +213,7 @@ class SmtpMailer:
             raise MailError(f"SMTP server cannot send for us: {exc}", retryable=False) from exc
 
 
-class OutboxMailer:
+class OutboxMailer(Mailer):
     """Writes each message to ``<directory>/<order>.eml`` (the laptop default:
     no mail server needed, and an operator reads what a user would get).
 

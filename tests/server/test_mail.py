@@ -28,6 +28,7 @@ from server.mail import (
     mailer_from,
     message_id,
     render,
+    voucher_code,
 )
 
 SENDER = "Loadout <shop@loadout.example>"
@@ -195,6 +196,17 @@ def test_message_ids_are_stable_and_distinct() -> None:
     ids = {message_id(order, SENDER) for order in ("o-1", "o-2", "o_1", "O-1", "o.1", "o/1")}
     assert len(ids) == 6
     assert message_id("o-1", "shop@other.example") == "<voucher.o-1@other.example>"
+
+
+def test_voucher_codes_are_long_random_and_readable() -> None:
+    codes = [voucher_code() for _ in range(2000)]
+    assert len(set(codes)) == len(codes)
+    for code in codes[:50]:
+        groups = code.split("-")
+        assert [len(group) for group in groups] == [4] * 5
+        assert set("".join(groups)) <= set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+    # Every symbol turns up: the codes use the whole alphabet, not a corner of it.
+    assert set("".join(codes).replace("-", "")) == set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 
 
 # -- SMTP --------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
+import subprocess
 
 import pytest
 
@@ -114,3 +116,33 @@ def test_any_of_several_v1_signatures_may_match() -> None:
     good = payment_sign(BODY, SECRET, NOW).split("v1=")[1]
     header = f"t={NOW},v0=abc,v1={'00' * 32},v1={good}"
     assert payment_valid(BODY, header, SECRET, now=NOW)
+
+
+# The one-line commands an operator can use (docs/fulfillment.md may quote
+# them): the same signatures, made with the openssl CLI.
+PAYMENT_ONE_LINER = (
+    'printf "t=%s,v1=%s" "$T" '
+    '"$(printf "%s.%s" "$T" "$BODY" | openssl dgst -sha256 -hmac "$SECRET" -r | cut -d" " -f1)"'
+)
+SHOPIFY_ONE_LINER = 'printf "%s" "$BODY" | openssl dgst -sha256 -hmac "$SECRET" -binary | base64'
+
+
+def shell(command: str, **env: str) -> str:
+    done = subprocess.run(
+        ["bash", "-c", command],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return done.stdout.strip()
+
+
+def test_the_documented_one_line_commands_sign_as_we_check() -> None:
+    body = '{"id":"evt_1","type":"payment.succeeded","transaction":"t1","user":"alice","gems":5}'
+    header = shell(PAYMENT_ONE_LINER, T=str(NOW), BODY=body, SECRET=SECRET)
+    assert header == payment_sign(body.encode(), SECRET, NOW)
+    assert payment_valid(body.encode(), header, SECRET, now=NOW)
+    header = shell(SHOPIFY_ONE_LINER, BODY=body, SECRET=SECRET)
+    assert shopify_valid(body.encode(), header, SECRET)
