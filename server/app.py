@@ -28,14 +28,14 @@ from actors.routing import STOCK_LEFT_KEY
 from actors.shard.host import ShardSettings
 from persistence import store
 from persistence.embedded import EmbeddedPostgres, EmbeddedRedis
+from persistence.orders import order_owner
 from persistence.schema import migrate
 from server import cluster
 from server.admission import FD_HEADROOM, raise_fd_limit
 from server.batching import Backend, ShardBatcher
+from server.commerce import Commerce, CommerceSettings
 from server.config import Settings
 from server.gateway import Gateway, GatewayLimits
-from persistence.orders import order_owner
-from server.commerce import Commerce, CommerceSettings
 from server.http import HttpServer
 from server.local_ray import record_ray_processes, start_ray, start_reaper
 from server.metrics import Metrics

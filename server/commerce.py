@@ -43,7 +43,7 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
 @dataclass(frozen=True)
 class CommerceSettings:
     data_dir: Path
-    worker: WorkerSettings = WorkerSettings()
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
     run_worker: bool = True
     smtp_url: str | None = field(default=None, repr=False)
     smtp_ca_file: str | None = None

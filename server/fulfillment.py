@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,20 +30,12 @@ from protocol.errors import ErrorCode, RequestError
 from protocol.money import AdvanceOrder, OrderStatus, Tracking
 from server.asking import ask
 from server.batching import Backend
-from server.mail import MailError, Mailer, Voucher, render
+from server.mail import Mailer, MailError, Voucher, render, voucher_code
 from server.shop import ShopClient, ShopError
 
-__all__ = ["FulfillmentWorker", "WorkerSettings", "voucher_code"]
+__all__ = ["FulfillmentWorker", "WorkerSettings"]
 
 log = logging.getLogger("loadout.fulfillment")
-
-_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read aloud, typed by hand
-
-
-def voucher_code() -> str:
-    """20 characters from 32 (100 bits), in groups of four: unguessable."""
-    raw = "".join(secrets.choice(_ALPHABET) for _ in range(20))
-    return "-".join(raw[i : i + 4] for i in range(0, 20, 4))
 
 
 @dataclass(frozen=True)

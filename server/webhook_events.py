@@ -25,7 +25,7 @@ from typing import Annotated, Final, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
-from protocol.messages import PositiveGems, UserId
+from protocol.base import PositiveGems, UserId
 
 __all__ = [
     "ORDER_ATTRIBUTE",
