@@ -180,6 +180,15 @@ class FakeShop:
         with self._lock:
             return self._placements[order]
 
+    async def wait_for_placement(self, order: str, count: int = 1, timeout: float = 60) -> None:
+        """Returns once ``count`` creations for ``order`` have arrived (say,
+        to kill the caller while the shop, told to be ``slow``, holds its answer)."""
+        deadline = time.monotonic() + timeout
+        while self.placements(order) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} placements of {order} never arrived")
+            await asyncio.sleep(0.02)
+
     def shop_order_of(self, order: str) -> str | None:
         with self._lock:
             found = [i for i, held in self._orders.items() if _attribute(held) == order]

@@ -143,11 +143,12 @@ async def test_a_timeout_after_the_shop_acted_is_retried_without_a_second_order(
 ) -> None:
     # The order is made, the answer is late: the caller cannot tell; its
     # retry with the same order id finds the same shop order.
-    shop.slow(5.0, after_work=True)
+    shop.slow(2.0, after_work=True)
     async with ShopClient(shop.url, shop.token, timeout=0.5) as impatient:
         with pytest.raises(ShopError) as caught:
             await place(impatient)
     assert caught.value.retryable
+    await shop.wait_for_placement("o-1")
     assert shop.orders_for("o-1") == 1
     shop.slow(0)
     async with ShopClient(shop.url, shop.token) as client:
