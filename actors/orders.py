@@ -114,6 +114,8 @@ def decide_cancel(state: UserState, request: CancelOrder) -> list[AnyEvent]:
     memo = _memo(state, request.order)
     if memo.status in FINAL or memo.status is OrderStatus.FAILED:
         raise RequestError(ErrorCode.NOT_CANCELLABLE, f"the order is {memo.status}")
+    if memo.status is OrderStatus.PROCESSING and memo.delivery == Delivery.EMAIL.value:
+        raise RequestError(ErrorCode.NOT_CANCELLABLE, "the voucher is being sent")
     return [OrderMoved(request.order, OrderStatus.CANCELLED, refund=memo.total)]
 
 

@@ -45,12 +45,15 @@ class DueOrder(NamedTuple):
     voucher: str | None
     shop_order: str | None
     attempts: int
+    #: When the order's status last changed (ms): names this round of attempts.
+    updated_at: int
 
 
 async def claim_due(
     pool: asyncpg.Pool, deliveries: Sequence[str], limit: int, lease_seconds: float
 ) -> list[DueOrder]:
-    """Claim up to ``limit`` pending orders that are due: each claim counts
+    """Claim up to ``limit`` orders that are due (pending; or an email order
+    processing, which a crash left between "sending" and "sent"): each claim counts
     an attempt and hides the order for ``lease_seconds`` (so another worker,
     or this one after a crash, takes it again only once the lease is over).
     ``FOR UPDATE SKIP LOCKED``: workers never wait for each other."""
@@ -60,14 +63,15 @@ async def claim_due(
            SET attempts = o.attempts + 1,
                next_attempt_at = now() + make_interval(secs => $3)
           FROM (SELECT order_id FROM orders
-                 WHERE status = 'pending' AND next_attempt_at <= now()
+                 WHERE (status = 'pending' OR (status = 'processing' AND delivery = 'email'))
+                   AND next_attempt_at <= now()
                    AND delivery = ANY ($1::text[])
                  ORDER BY next_attempt_at
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED) AS due
          WHERE o.order_id = due.order_id
         RETURNING o.order_id, o.user_id, o.sku, o.delivery, o.quantity, o.email,
-                  o.address, o.voucher, o.shop_order, o.attempts
+                  o.address, o.voucher, o.shop_order, o.attempts, o.updated_at
         """,
         list(deliveries),
         limit,
@@ -85,6 +89,7 @@ async def claim_due(
             r["voucher"],
             r["shop_order"],
             r["attempts"],
+            r["updated_at"],
         )
         for r in rows
     ]

@@ -183,7 +183,8 @@ MIGRATIONS: list[str] = [
         updated_at      bigint NOT NULL
     );
     CREATE INDEX orders_by_user ON orders (user_id, created_at DESC, order_id DESC);
-    CREATE INDEX orders_due ON orders (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX orders_due ON orders (next_attempt_at)
+        WHERE status IN ('pending', 'processing');
     CREATE INDEX orders_by_shop_order ON orders (shop_order) WHERE shop_order IS NOT NULL;
     CREATE INDEX orders_by_status ON orders (status, created_at);
     CREATE TABLE webhook_events (

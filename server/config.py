@@ -62,6 +62,20 @@ ENVIRONMENT = {
         Setting("LOADOUT_MAX_BAD_FRAMES", "10", "bad frames a minute, then close 1008"),
         Setting("LOADOUT_MAX_WATCH", "10000", "users one service connection may watch"),
         Setting("LOADOUT_LOG_LEVEL", "INFO", "logging level"),
+        Setting("LOADOUT_FULFILLMENT_ATTEMPTS", "5", "tries of an order before it fails"),
+        Setting("LOADOUT_FULFILLMENT_BACKOFF", "30", "seconds before the 2nd try (doubling)"),
+        Setting("LOADOUT_FULFILLMENT_LEASE", "120", "seconds a claimed order is held"),
+        Setting("LOADOUT_FULFILLMENT_WORKER", "1", "0: this process runs no worker"),
+        Setting("LOADOUT_SMTP_URL", "unset: <data dir>/outbox/", "smtp://user:pass@host:port"),
+        Setting("LOADOUT_MAIL_FROM", "noreply@loadout.invalid", "sender of voucher emails"),
+        Setting("LOADOUT_SHOPIFY_URL", "unset: ship by hand", "the shop's Admin REST base URL"),
+        Setting("LOADOUT_SHOPIFY_TOKEN", "unset", "the shop's access token"),
+        Setting("LOADOUT_SHOPIFY_WEBHOOK_SECRET", "unset", "verifies the shop's webhooks"),
+        Setting(
+            "LOADOUT_PAYMENTS_WEBHOOK_SECRET",
+            "<data dir>/payments_webhook_secret",
+            "verifies top-up webhooks",
+        ),  # fmt: skip
     )
 }
 

@@ -92,6 +92,9 @@ class FulfillmentWorker:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("fulfillment: cannot claim orders (%s); retrying", exc)
                 due = []
+            except Exception:  # a bug: say so, and keep the worker alive
+                log.exception("fulfillment: claiming orders failed")
+                due = []
             if due:
                 await asyncio.gather(*(self._attempt(order) for order in due))
                 continue  # there may be more
@@ -123,6 +126,9 @@ class FulfillmentWorker:
         if due.email is None:  # opened with no email: cannot happen (address_required)
             raise MailError("the order has no email address", retryable=False)
         code = due.voucher or await self._keep_voucher(due.order)
+        # Processing first: from here the player can no longer cancel (and get
+        # the gems back) while the code is on its way.
+        await self._advance(due, OrderStatus.PROCESSING)
         item = self._catalog().lookup(due.sku)
         voucher = Voucher(
             due.order, due.user_id, due.email, due.sku, item.name if item else due.sku,
@@ -161,7 +167,8 @@ class FulfillmentWorker:
         tracking: Tracking | None = None,
     ) -> None:
         request = AdvanceOrder(
-            key=f"{due.order}:{status.value}", order=due.order, status=status,
+            # One key per step of this round: a retried order's steps are new.
+            key=f"{due.order}:{status.value}:{due.updated_at}", order=due.order, status=status,
             voucher=voucher, shop_order=shop_order, tracking=tracking,
         )  # fmt: skip
         await ask(self._backend, due.user_id, request)

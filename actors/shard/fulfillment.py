@@ -59,7 +59,8 @@ async def answer_orders(pool: asyncpg.Pool, user_id: str, request: Orders) -> Or
             delivery=r["delivery"],
             status=r["status"],
             attempts=r["attempts"],
-            voucher=r["voucher"],
+            # The code is kept before the email is sent: shown once it was.
+            voucher=r["voucher"] if r["status"] == "completed" else None,
             tracking=None if r["tracking"] is None else _tracking.decode(r["tracking"]),
             created_at=r["created_at"],
             updated_at=r["updated_at"],
