@@ -75,7 +75,7 @@ ENVIRONMENT = {
             "LOADOUT_PAYMENTS_WEBHOOK_SECRET",
             "<data dir>/payments_webhook_secret",
             "verifies top-up webhooks",
-        ),  # fmt: skip
+        ),
     )
 }
 
