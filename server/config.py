@@ -67,6 +67,7 @@ ENVIRONMENT = {
         Setting("LOADOUT_FULFILLMENT_LEASE", "120", "seconds a claimed order is held"),
         Setting("LOADOUT_FULFILLMENT_WORKER", "1", "0: this process runs no worker"),
         Setting("LOADOUT_SMTP_URL", "unset: <data dir>/outbox/", "smtp://user:pass@host:port"),
+        Setting("LOADOUT_SMTP_CA_FILE", "system CAs", "CA file to trust for the SMTP server"),
         Setting("LOADOUT_MAIL_FROM", "noreply@loadout.invalid", "sender of voucher emails"),
         Setting("LOADOUT_SHOPIFY_URL", "unset: ship by hand", "the shop's Admin REST base URL"),
         Setting("LOADOUT_SHOPIFY_TOKEN", "unset", "the shop's access token"),

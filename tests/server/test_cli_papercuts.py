@@ -203,9 +203,15 @@ def test_every_commands_help_lists_its_options_and_environment() -> None:
 
 
 def test_the_environment_table_names_every_variable_settings_read() -> None:
-    source = inspect.getsource(config.Settings.from_env)
+    from server.commerce import CommerceSettings
+
+    sources = [
+        inspect.getsource(config.Settings.from_env),
+        inspect.getsource(CommerceSettings.from_env),  # fulfillment's (PROTOCOL.md §12)
+    ]
     read = {
         node.value
+        for source in sources
         for node in ast.walk(ast.parse(textwrap.dedent(source)))
         if isinstance(node, ast.Constant)
         and isinstance(node.value, str)
