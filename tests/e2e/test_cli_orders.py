@@ -7,11 +7,12 @@ import json
 import subprocess
 from typing import Any
 
-from tests.e2e.support import Client, ServerProcess, fund, new_user
+from tests.e2e.support import Client, ServerProcess, free_port, fund, new_user
 
 ADDRESS = {"name": "Ada Lovelace", "line1": "1 Analytical St", "city": "London",
            "postal_code": "N1 7AA", "country": "GB"}  # fmt: skip
 SHIRT = {"type": "purchase", "sku": "merch.tshirt.logo", "price": 3000}
+VOUCHER = {"type": "purchase", "sku": "plat.voucher.steam10", "price": 2000}
 
 
 def _orders(server: ServerProcess, user: str) -> list[dict[str, Any]]:
@@ -127,3 +128,44 @@ async def test_refund_gives_the_gems_back_once(server: ServerProcess) -> None:
     down = server.cli("refund", user, "pur_x", "--key", "k", "--reason", "r",
                       "--url", "ws://127.0.0.1:1/v1/ws")  # fmt: skip
     _refused(down, "refund", "cannot reach the server")
+
+
+async def test_order_retry_of_a_failed_order(fresh_server: ServerProcess) -> None:
+    # Mail that cannot be sent, and one attempt: the voucher order fails at once.
+    fresh_server.extra_env.update(
+        LOADOUT_SMTP_URL=f"smtp://127.0.0.1:{free_port()}", LOADOUT_FULFILLMENT_ATTEMPTS="1"
+    )
+    server = fresh_server.start()
+    user = new_user()
+    await fund(server, user, 2400)
+    async with await Client.open(server, user) as c:
+        await c.request({"type": "set_contact", "key": "c1", "email": "ada@example.com"})
+        bought = await c.request({**VOUCHER, "key": "v1"})
+        assert bought["type"] == "purchased" and bought["balance"] == 400, bought
+        order = "ord_" + bought["purchase"].removeprefix("pur_")
+        failed = await c.push("fulfillment", order=order, status="failed", timeout=30)
+        (entry,) = _orders(server, user)
+        assert (entry["status"], entry["attempts"]) == ("failed", 1)
+        assert entry["last_error"]
+        state = await c.request({"type": "state"})
+        assert state["balance"] == 2400 and state["version"] == failed["version"]
+
+        # The retry debits the order again: refused while the gems are not there.
+        dragon = {"type": "purchase", "key": "d", "sku": "br.rifle.dragon", "price": 500}
+        assert (await c.request(dragon))["balance"] == 1900
+        short = server.cli("order", "retry", order, "--server", server.url)
+        _refused(short, "order retry", "insufficient_funds")
+        assert _orders(server, user) == [entry]
+        await fund(server, user, 100)
+        retried = server.cli("order", "retry", order, "--server", server.url)
+        assert retried.returncode == 0, retried.stderr
+        reply = json.loads(retried.stdout)
+        assert (reply["type"], reply["order"], reply["status"]) == (
+            "order_updated",
+            order,
+            "pending",
+        )
+        await c.push("fulfillment", order=order, status="pending", version=reply["version"])
+        unknown = server.cli("order", "retry", "ord_nope", "--server", server.url)
+        _refused(unknown, "order retry", "unknown_order")
+    server.stop()
