@@ -21,7 +21,8 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from protocol.messages import MAX_GEMS, Role
-from server import cluster_cli
+from server import cli_orders, cluster_cli
+from server.cli_admin import AdminError, admin_request
 from server.cli_catalog import add_catalog_commands
 from server.cli_database import NoDatabase, database
 from server.config import ENVIRONMENT, ConfigError, NoSecret, Settings, environment_help
@@ -104,47 +105,19 @@ def _grant_request(args: argparse.Namespace) -> Grant:
 
 async def _grant(settings: Settings, args: argparse.Namespace) -> int:
     import msgspec
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import InvalidHandshake, InvalidStatus
-
-    from protocol.codec import codec_for
-    from server.auth import issue_token
 
     try:
         grant = _grant_request(args)
-        secret = settings.with_secret(create=False).secret
-    except (_InputError, NoSecret) as exc:
+    except _InputError as exc:
         print(f"loadout grant: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, _InputError) else 1
-    token = issue_token(secret, "loadout-cli", Role.ADMIN, ttl=60)
-    url = args.url or f"ws://{settings.host}:{settings.port}/v1/ws"
-    codec = codec_for(None)
+        return 2
     try:
-        async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
-            await asyncio.wait_for(ws.recv(), 10)  # welcome
-            await ws.send(msgspec.json.encode(grant).decode())
-            reply = codec.decode_any(await asyncio.wait_for(ws.recv(), 30))
-    except InvalidStatus as exc:
-        print(f"loadout grant: {_refusal(url, exc.response.status_code, exc.response.body)}",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    except (OSError, TimeoutError, InvalidHandshake) as exc:
-        print(f"loadout grant: cannot reach the server at {url}: {exc}", file=sys.stderr)
+        reply = await admin_request(settings, args.url, grant)
+    except AdminError as exc:
+        print(f"loadout grant: {exc}", file=sys.stderr)
         return 1
     print(msgspec.json.encode(reply).decode())
     return 0 if reply.get("type") == "granted" else 1
-
-
-def _refusal(url: str, status: int, body: bytes | bytearray | None) -> str:
-    """One line for a server that refused the connection at the handshake."""
-    said = (body or b"").decode("utf-8", "replace").strip().splitlines()[:1]
-    reason = f" ({said[0][:200]})" if said else ""
-    if status == 401:
-        return (
-            f"the server at {url} refused our token{reason}: this LOADOUT_SECRET, or the"
-            " secret in LOADOUT_DATA_DIR, is not the server's"
-        )
-    return f"the server at {url} refused the connection: HTTP {status}{reason}"
 
 
 def _cmd_grant(settings: Settings, args: argparse.Namespace) -> int:
@@ -306,6 +279,7 @@ def _parser() -> argparse.ArgumentParser:
         ' "detail"}]}',
     )
     verify.set_defaults(run=_cmd_verify)
+    cli_orders.register(commands)
     cluster_cli.register(commands)
     for entry in entry_points(group=COMMANDS_GROUP):
         try:

@@ -13,9 +13,9 @@ from email import message_from_bytes
 from typing import Any
 
 import httpx
-from server.signatures import payment_sign
 
 from protocol.messages import Role
+from server.signatures import payment_sign
 from tests.e2e.support import Client, ServerProcess, fund, new_user
 
 ADDRESS = {"name": "Ada Lovelace", "line1": "1 Analytical St", "city": "London",

@@ -54,6 +54,10 @@ def one_line(capsys: pytest.CaptureFixture[str]) -> str:
         ["grant", "alice", "5", "--key", "k"],
         ["catalog", "show"],
         ["verify"],
+        ["orders"],
+        ["refund", "alice", "pur_1", "--key", "k", "--reason", "r"],
+        ["order", "retry", "ord_1"],
+        ["order", "ship", "ord_1", "--carrier", "UPS", "--number", "1"],
     ],
 )
 def test_a_command_without_a_data_directory_says_so(
@@ -117,6 +121,30 @@ def test_grant_input_errors_speak_the_users_language(
     assert cli.main(["grant", user, amount, "--key", key]) == 2
     line = one_line(capsys)
     assert line.startswith(f"loadout grant: {says}"), line
+    assert "Expected" not in line and "$." not in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["refund", "al ice", "pur_1", "--key", "k", "--reason", "r"], "user ids are 1-64"),
+        (["refund", "alice", "p" * 65, "--key", "k", "--reason", "r"], "purchase ids are 1-64"),
+        (["refund", "alice", "pur_1", "--key", "", "--reason", "r"], "--key must be 1-64"),
+        (["refund", "alice", "pur_1", "--key", "k", "--reason", "r" * 257], "--reason must be"),
+        (["order", "retry", ""], "order ids are 1-64"),
+        (["order", "ship", "o", "--carrier", "", "--number", "1"], "--carrier must be 1-64"),
+        (["order", "ship", "o", "--carrier", "C", "--number", "\0"], "--number must be 1-128"),
+        (["order", "ship", "o", "--carrier", "C", "--number", "1", "--url", "ups.example"],
+         "--url must be an http:// or https:// address"),
+    ],
+)  # fmt: skip
+def test_order_commands_input_errors_speak_the_users_language(
+    nowhere: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    assert cli.main(argv) == 2
+    command = " ".join(argv[:2]) if argv[0] == "order" else argv[0]
+    line = one_line(capsys)
+    assert line.startswith(f"loadout {command}: {says}"), line
     assert "Expected" not in line and "$." not in line
 
 
@@ -184,6 +212,10 @@ READS = {
     ("catalog", "load"): {"LOADOUT_DATA_DIR", "LOADOUT_DATABASE_URL", "LOADOUT_REDIS_URL"},
     ("catalog", "show"): {"LOADOUT_DATA_DIR", "LOADOUT_DATABASE_URL"},
     ("verify",): {"LOADOUT_DATA_DIR", "LOADOUT_DATABASE_URL"},
+    ("orders",): {"LOADOUT_DATA_DIR", "LOADOUT_DATABASE_URL"},
+    ("refund",): {"LOADOUT_HOST", "LOADOUT_PORT", "LOADOUT_DATA_DIR", "LOADOUT_SECRET"},
+    ("order", "retry"): {"LOADOUT_HOST", "LOADOUT_PORT", "LOADOUT_DATA_DIR", "LOADOUT_SECRET"},
+    ("order", "ship"): {"LOADOUT_HOST", "LOADOUT_PORT", "LOADOUT_DATA_DIR", "LOADOUT_SECRET"},
 }
 
 
