@@ -166,6 +166,11 @@ async def test_order_retry_of_a_failed_order(fresh_server: ServerProcess) -> Non
             "pending",
         )
         await c.push("fulfillment", order=order, status="pending", version=reply["version"])
+        # It fails again: a retried order's steps are new ones (not the first
+        # round's replayed), so it ends failed again with the gems back.
+        again = await c.push("fulfillment", order=order, status="failed", timeout=30)
+        assert again["version"] > reply["version"]
+        assert (await c.request({"type": "state"}))["balance"] == 2000  # debited, then back
         unknown = server.cli("order", "retry", "ord_nope", "--server", server.url)
         _refused(unknown, "order retry", "unknown_order")
     server.stop()
