@@ -54,8 +54,9 @@ __all__ = [
     "Tracking",
 ]
 
-OrderId = Annotated[str, Meta(min_length=1, max_length=64)]
-PurchaseId = Annotated[str, Meta(min_length=1, max_length=64)]
+#: Ids are looked up in PostgreSQL ``text``, which cannot hold NUL.
+OrderId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^\x00]*\Z")]
+PurchaseId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^\x00]*\Z")]
 Email = Annotated[
     str, Meta(min_length=3, max_length=254, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+\Z")
 ]

@@ -5,6 +5,7 @@ user was told of)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import asyncpg
@@ -12,12 +13,16 @@ import msgspec
 
 from actors.events import decode_change
 from actors.money import PurchaseFacts, purchase_facts
-from actors.shard.records import BatchItem
+from actors.shard.records import BatchItem, error_reply
 from actors.user import purchase_id
 from persistence import orders as outbox
+from protocol.errors import ErrorCode
+from protocol.messages import Reply
 from protocol.money import OrderEntry, Orders, OrdersReply, Refund, Tracking
 
 __all__ = ["OrdersQuery", "answer_orders", "load_refund_facts"]
+
+log = logging.getLogger("loadout.shard")
 
 
 @dataclass
@@ -49,8 +54,14 @@ async def load_refund_facts(
 _tracking = msgspec.json.Decoder(Tracking)
 
 
-async def answer_orders(pool: asyncpg.Pool, user_id: str, request: Orders) -> OrdersReply:
-    rows = await outbox.list_orders(pool, user_id, request.before, request.limit + 1)
+async def answer_orders(pool: asyncpg.Pool, user_id: str, request: Orders) -> Reply | bytes:
+    """The page, or ``unavailable`` when the outbox cannot be read now (a
+    read changes nothing: the client asks again)."""
+    try:
+        rows = await outbox.list_orders(pool, user_id, request.before, request.limit + 1)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("orders of %s could not be read: %r", user_id, exc)
+        return error_reply(request.rid, ErrorCode.UNAVAILABLE, "orders cannot be read now; retry")
     entries = [
         OrderEntry(
             order=r["order_id"],

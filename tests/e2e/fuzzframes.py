@@ -28,7 +28,9 @@ import msgspec
 from hypothesis import strategies as st
 from msgspec import inspect as mi
 
+from protocol.countries import COUNTRIES
 from protocol.messages import ClientMessage
+from protocol.money import Address
 
 __all__ = [
     "HARMLESS",
@@ -60,6 +62,11 @@ HARMLESS: dict[str, set[str]] = {
     "history": {"history"},
     "grant": {"error:forbidden"},
     "inspect": {"error:forbidden"},
+    "orders": {"orders"},
+    "cancel_order": {"error:unknown_order"},  # no such order
+    "refund": {"error:forbidden"},
+    "retry_order": {"error:forbidden"},
+    "ship_order": {"error:forbidden"},
 }
 
 
@@ -97,6 +104,15 @@ def valid_for(kind: mi.Type, value: Any) -> bool:
                 and (high is None or len(value) <= high)
                 and all(valid_for(item, v) for v in value)
             )
+        case mi.StructType(fields=fields):
+            if not isinstance(value, dict):
+                return False
+            known = {f.encode_name: f for f in fields}
+            return (
+                all(f.encode_name in value for f in fields if f.required)
+                and all(k in known and valid_for(known[k].type, v) for k, v in value.items())
+                and (kind.cls is not Address or value["country"] in COUNTRIES)
+            )
     raise AssertionError(f"the fuzz does not know the type {kind!r}: teach valid_for")
 
 
@@ -116,6 +132,11 @@ def _candidates(kind: mi.Type) -> list[Any]:
                 if low:
                     out += ["x" * (low - 1)]
                 out += ["a b", "a/b", "é", "\u202eabc", "a\x00b", "A" * 65, "line\n"]
+            case mi.StructType(fields=fields):
+                whole = {f.encode_name: VALID[f.encode_name] for f in fields if f.required}
+                out += [whole, {**whole, "extra": 1}, {**whole, "country": "ZZ"}]
+                out += [{k: v for k, v in whole.items() if k != name} for name in whole]
+                out += [{**whole, name: bad} for name in whole for bad in ("", "\x00", 7)]
             case mi.ListType(item_type=item, max_length=high):
                 inner = [v for v in _candidates(item) if not isinstance(v, list | dict)][:12]
                 out += [[v] for v in inner]
@@ -129,19 +150,24 @@ REQUESTS: dict[str, mi.StructType] = {
     str(t.tag): t
     for t in mi.type_info(ClientMessage).types  # type: ignore[attr-defined]
 }
-#: Invalid values for every field of every request.
-INVALID: dict[tuple[str, str], list[Any]] = {
-    (tag, field.encode_name): [v for v in _candidates(field.type) if not valid_for(field.type, v)]
-    for tag, struct in REQUESTS.items()
-    for field in struct.fields
-}
 #: A valid value for each field name used by any request (none changes anything by itself).
 VALID: dict[str, Any] = {
     "key": "fuzz-key", "sku": "plat.booster.xp", "price": 5, "quantity": 1, "profile": "main",
     "game": "br", "category": "weapon_skins", "cursor": None, "limit": 10, "slot": "frame",
     "before": 1, "user": "fuzz-other", "amount": 1, "reason": "fuzz", "code": "NO-SUCH-CODE",
     "name": "renamed", "users": ["fuzz-other"], "inventory": False,
+    "email": "fuzz@example.com", "order": "ord_fuzz", "purchase": "pur_fuzz", "carrier": "UPS",
+    "number": "1Z", "url": "https://track.example/1Z", "line1": "1 Main St", "city": "Oslo",
+    "postal_code": "0150", "country": "NO", "line2": None, "region": None,
+    "address": {"name": "Fuzz", "line1": "1 Main St", "city": "Oslo", "postal_code": "0150",
+                "country": "NO"},
 }  # fmt: skip
+#: Invalid values for every field of every request.
+INVALID: dict[tuple[str, str], list[Any]] = {
+    (tag, field.encode_name): [v for v in _candidates(field.type) if not valid_for(field.type, v)]
+    for tag, struct in REQUESTS.items()
+    for field in struct.fields
+}
 #: Odd strings, valid wherever a string of their length without a pattern is.
 ODD_STRINGS = [
     "a\x00b", "\u202eevil", "\u200f\u200e", "\ufeffbom", "e\u0301", "😀", "\u2028", "\U0010ffff",

@@ -219,3 +219,16 @@ async def test_payments_credit_once_and_chargebacks_make_debt(server: ServerProc
             ok = await c.request({"type": "purchase", "key": "p3", "sku": "plat.life.extra",
                                   "price": 20})  # fmt: skip
             assert ok["type"] == "purchased" and ok["balance"] == 180
+
+
+async def test_ids_the_database_cannot_hold_are_bad_requests(server: ServerProcess) -> None:
+    # Found by the fuzz: an ``orders`` cursor with a NUL reached PostgreSQL and
+    # failed the shard's whole batch (every request in it got ``unavailable``).
+    user = new_user()
+    async with await Client.open(server, user) as c:
+        for request in (
+            {"type": "orders", "before": "ord_\u0000"},
+            {"type": "cancel_order", "key": "k", "order": "ord_\u0000"},
+        ):
+            assert (await c.request(request))["code"] == "bad_request"
+        assert (await c.request({"type": "orders", "before": "ord_none"}))["entries"] == []

@@ -328,6 +328,13 @@ MUTATIONS = st.one_of(
     ),
     st.fixed_dictionaries({"type": st.just("unequip"), "profile": _SHORT, "slot": _TEXT}),
     st.fixed_dictionaries({"type": st.just("redeem"), "key": _TEXT, "code": _TEXT}),
+    st.fixed_dictionaries(
+        {"type": st.just("set_contact"), "key": _TEXT,
+         "email": st.just("a@b.cd") | _TEXT.map(lambda s: s + "@x.io"),
+         "address": st.fixed_dictionaries(
+             {"name": _TEXT, "line1": _TEXT, "city": _SHORT, "line2": _TEXT,
+              "postal_code": st.text(min_size=1, max_size=16), "country": st.just("NO")})}
+    ),
 )  # fmt: skip
 
 
