@@ -28,6 +28,7 @@ __all__ = [
     "order_owner",
     "orders_report",
     "record_webhook",
+    "shop_cancelled",
     "shop_order_of",
 ]
 
@@ -37,6 +38,7 @@ class DueOrder(NamedTuple):
 
     order: str
     user_id: str
+    status: str
     sku: str
     delivery: str
     quantity: int
@@ -52,8 +54,9 @@ class DueOrder(NamedTuple):
 async def claim_due(
     pool: asyncpg.Pool, deliveries: Sequence[str], limit: int, lease_seconds: float
 ) -> list[DueOrder]:
-    """Claim up to ``limit`` orders that are due (pending; or an email order
-    processing, which a crash left between "sending" and "sent"): each claim counts
+    """Claim up to ``limit`` orders that are due (pending; an email order
+    processing, which a crash left between "sending" and "sent"; a cancelled
+    order the shop holds and was not told of): each claim counts
     an attempt and hides the order for ``lease_seconds`` (so another worker,
     or this one after a crash, takes it again only once the lease is over).
     ``FOR UPDATE SKIP LOCKED``: workers never wait for each other."""
@@ -63,14 +66,16 @@ async def claim_due(
            SET attempts = o.attempts + 1,
                next_attempt_at = now() + make_interval(secs => $3)
           FROM (SELECT order_id FROM orders
-                 WHERE (status = 'pending' OR (status = 'processing' AND delivery = 'email'))
-                   AND next_attempt_at <= now()
-                   AND delivery = ANY ($1::text[])
+                 WHERE delivery = ANY ($1::text[]) AND next_attempt_at <= now()
+                   AND (status = 'pending'
+                        OR (status = 'processing' AND delivery = 'email')
+                        OR (status = 'cancelled' AND shop_order IS NOT NULL
+                            AND NOT shop_cancelled))
                  ORDER BY next_attempt_at
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED) AS due
          WHERE o.order_id = due.order_id
-        RETURNING o.order_id, o.user_id, o.sku, o.delivery, o.quantity, o.email,
+        RETURNING o.order_id, o.user_id, o.status, o.sku, o.delivery, o.quantity, o.email,
                   o.address, o.voucher, o.shop_order, o.attempts, o.updated_at
         """,
         list(deliveries),
@@ -81,6 +86,7 @@ async def claim_due(
         DueOrder(
             r["order_id"],
             r["user_id"],
+            r["status"],
             r["sku"],
             r["delivery"],
             r["quantity"],
@@ -123,6 +129,11 @@ async def note_failure(pool: asyncpg.Pool, order: str, error: str, retry_in: flo
         error[:500],
         retry_in,
     )
+
+
+async def shop_cancelled(pool: asyncpg.Pool, order: str) -> None:
+    """The shop knows the order is cancelled (it said so, or was told)."""
+    await pool.execute("UPDATE orders SET shop_cancelled = true WHERE order_id = $1", order)
 
 
 async def shop_order_of(pool: asyncpg.Pool, order: str) -> str | None:

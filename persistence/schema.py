@@ -176,6 +176,7 @@ MIGRATIONS: list[str] = [
         voucher         text UNIQUE,
         tracking        jsonb,
         shop_order      text,
+        shop_cancelled  boolean NOT NULL DEFAULT false,
         attempts        integer NOT NULL DEFAULT 0,
         next_attempt_at timestamptz NOT NULL DEFAULT now(),
         last_error      text,
@@ -184,7 +185,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX orders_by_user ON orders (user_id, created_at DESC, order_id DESC);
     CREATE INDEX orders_due ON orders (next_attempt_at)
-        WHERE status IN ('pending', 'processing');
+        WHERE status IN ('pending', 'processing')
+           OR (status = 'cancelled' AND shop_order IS NOT NULL AND NOT shop_cancelled);
     CREATE INDEX orders_by_shop_order ON orders (shop_order) WHERE shop_order IS NOT NULL;
     CREATE INDEX orders_by_status ON orders (status, created_at);
     CREATE TABLE webhook_events (
@@ -281,7 +283,7 @@ BEGIN
                    tracking = coalesce(m.tracking::jsonb, o.tracking),
                    shop_order = coalesce(m.shop, o.shop_order), updated_at = m.at,
                    attempts = CASE WHEN m.status = 'pending' THEN 0 ELSE o.attempts END,
-                   next_attempt_at = CASE WHEN m.status = 'pending' THEN now()
+                   next_attempt_at = CASE WHEN m.status IN ('pending', 'cancelled') THEN now()
                                           ELSE o.next_attempt_at END
               FROM unnest(m_user, m_order, m_status, m_voucher, m_tracking, m_shop, m_at)
                    AS m(user_id, order_id, status, voucher, tracking, shop, at)

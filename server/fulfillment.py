@@ -104,7 +104,9 @@ class FulfillmentWorker:
 
     async def _attempt(self, due: DueOrder) -> None:
         try:
-            if due.delivery == "email":
+            if due.status == OrderStatus.CANCELLED.value:
+                await self._cancel_at_shop(due)
+            elif due.delivery == "email":
                 await self._email(due)
             else:
                 await self._place(due)
@@ -112,8 +114,8 @@ class FulfillmentWorker:
             await self._failed(due, str(exc), exc.retryable)
         except RequestError as exc:
             if exc.code is ErrorCode.NOT_CANCELLABLE:  # it ended meanwhile (cancelled)
+                # A shop order placed meanwhile is cancelled there by a later claim.
                 log.info("order %s ended before fulfillment: %s", due.order, exc.message)
-                await self._undo_at_shop(due)
                 return
             await self._failed(due, f"{exc.code}: {exc.message}", True)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -192,11 +194,22 @@ class FulfillmentWorker:
             if exc.code is not ErrorCode.NOT_CANCELLABLE:
                 log.warning("order %s: could not record the failure (%s)", due.order, exc)
 
-    async def _undo_at_shop(self, due: DueOrder) -> None:
-        """The order was cancelled while the shop placed it: cancel it there."""
-        if self._shop is None:
-            return
-        shop_order = await outbox.shop_order_of(self._pool, due.order)
-        if shop_order is not None:
-            with contextlib.suppress(ShopError):
-                await self._shop.cancel_order(shop_order)
+    async def _cancel_at_shop(self, due: DueOrder) -> None:
+        """The order was cancelled here (by the player, an operator's refund)
+        after the shop took it: cancel it there too."""
+        assert self._shop is not None and due.shop_order is not None
+        try:
+            await self._shop.cancel_order(due.shop_order)
+        except ShopError as exc:
+            if exc.retryable and due.attempts < self.settings.attempts:
+                wait = self.settings.backoff * 2 ** (due.attempts - 1)
+                await outbox.note_failure(self._pool, due.order, f"cancel: {exc}", wait)
+                return
+            log.error(
+                "order %s: the shop did not cancel %s (%s): cancel it there by hand",
+                due.order, due.shop_order, exc,
+            )  # fmt: skip
+            await outbox.note_failure(self._pool, due.order, f"cancel: {exc}", 0)
+        else:
+            log.info("order %s: cancelled at the shop (%s)", due.order, due.shop_order)
+        await outbox.shop_cancelled(self._pool, due.order)

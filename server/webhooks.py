@@ -157,7 +157,10 @@ async def _shop_event(pool: asyncpg.Pool, backend: Backend, event: ShopEvent) ->
     request = AdvanceOrder(
         key=_key("shopify", event.webhook), order=order, status=status, tracking=tracking
     )
-    return await _apply(pool, "shopify", event.webhook, ask(backend, user, request), lambda: None)
+    answer = await _apply(pool, "shopify", event.webhook, ask(backend, user, request), lambda: None)
+    if status is OrderStatus.CANCELLED and answer.status_code == 200:
+        await outbox.shop_cancelled(pool, order)  # the shop cancelled it: nothing to tell it
+    return answer
 
 
 async def _apply(

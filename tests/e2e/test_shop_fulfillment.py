@@ -100,6 +100,17 @@ async def test_merchandise_through_the_shop(
             await d.push("fulfillment", order=second, status="cancelled")
             assert (await c.request({"type": "state"}))["balance"] == balance + 3000
 
+            # The player cancels a third order the shop holds: the shop is told.
+            third = _order_of(await c.request({**SHIRT, "key": "s3"}))
+            await d.push("fulfillment", order=third, status="processing", timeout=30)
+            mine = await c.request({"type": "cancel_order", "key": "x3", "order": third})
+            assert mine["type"] == "order_cancelled" and mine["refunded"] == 3000
+            held = shop.shop_order_of(third) or ""
+            deadline = time.monotonic() + 30
+            while shop.order(held).get("cancelled_at") is None:
+                assert time.monotonic() < deadline, "the shop was never told of the cancel"
+                await asyncio.sleep(0.2)
+
             # A forged webhook is refused and changes nothing.
             async with httpx.AsyncClient() as http:
                 forged = await http.post(
