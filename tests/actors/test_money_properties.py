@@ -483,15 +483,19 @@ class MoneyMachine(RuleBasedStateMachine):
         self.run.send(ShipOrder(order=self.order(which), carrier="UPS", number="1Z"))
 
     @precondition(lambda self: any(o.status in OPEN for o in self.run.orders.values()))
-    @rule(which=picks, key=keys, retry=st.booleans())
-    def fail(self, which: int, key: str | None, retry: bool) -> None:
-        """The worker's last attempt failed: the gems come back; an operator
-        may retry it (the gems are debited again)."""
+    @rule(which=picks, key=keys, then=st.sampled_from(["", "retry", "refund"]))
+    def fail(self, which: int, key: str | None, then: str) -> None:
+        """The worker's last attempt failed: the gems come back; then an
+        operator may retry it (the gems are debited again) or try to refund
+        its purchase (``not_refundable``: its gems came back already)."""
         open_ = [o for o, m in self.run.orders.items() if m.status in OPEN]
         order = self._pick(open_, which, "ord_none")
         self.run.send(AdvanceOrder(key=self.key(key), order=order, status=S.FAILED))
-        if retry:
+        if then == "retry":
             self.run.send(RetryOrder(order=order))
+        elif then == "refund":
+            for purchase in [p for p, m in self.run.purchases.items() if m.order == order]:
+                self.run.send(Refund(user=USER, purchase=purchase, key=self.key(None)))
 
     @precondition(lambda self: any(o.status is S.FAILED for o in self.run.orders.values()))
     @rule(which=picks)
