@@ -127,6 +127,9 @@ def decide_advance(state: UserState, request: AdvanceOrder) -> list[AnyEvent]:
     status = request.status
     if status == memo.status and status is not OrderStatus.SHIPPED:
         return []
+    wrong = {OrderStatus.COMPLETED: Delivery.PHYSICAL, OrderStatus.SHIPPED: Delivery.EMAIL}
+    if memo.delivery == wrong.get(status, None):
+        raise RequestError(ErrorCode.BAD_REQUEST, f"a {memo.delivery} order is not {status}")
     if status not in _NEXT[memo.status] or status is OrderStatus.PENDING:
         raise RequestError(
             ErrorCode.NOT_CANCELLABLE, f"the order is {memo.status}; it cannot become {status}"
@@ -181,7 +184,11 @@ def open_order(state: UserState, event: OrderOpened, at: int) -> None:
     if excess > 0:
         ended = [o for o, m in state.orders.items() if m.status in FINAL and o != event.order]
         for order in ended[:excess]:
-            del state.orders[order]
+            forgotten = state.orders.pop(order)
+            if forgotten.status is OrderStatus.CANCELLED:
+                # Its gems came back: remembered as refunded, so that no
+                # operator's refund of its purchase pays them out again.
+                state.refunded.add(forgotten.purchase)
 
 
 def move_order(state: UserState, event: OrderMoved) -> None:

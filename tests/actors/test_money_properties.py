@@ -174,10 +174,15 @@ class Run:
             return ErrorCode.UNKNOWN_ORDER
         match request:
             case CancelOrder():
+                if order.status is S.PROCESSING and ORDERED[order.sku] == "email":
+                    return ErrorCode.NOT_CANCELLABLE  # the voucher is on its way
                 return OK if order.status in OPEN else ErrorCode.NOT_CANCELLABLE
             case AdvanceOrder(status=status):
                 if status == order.status and status is not S.SHIPPED:
                     return NO_OP
+                wrong = {S.COMPLETED: "physical", S.SHIPPED: "email"}
+                if wrong.get(status) == ORDERED[order.sku]:
+                    return ErrorCode.BAD_REQUEST  # a voucher is not shipped, a shirt not emailed
                 return OK if status in NEXT[order.status] else ErrorCode.NOT_CANCELLABLE
             case RetryOrder():
                 if order.status in OPEN:
