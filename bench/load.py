@@ -73,6 +73,7 @@ __all__ = [
     "SKU",
     "WorkerPlan",
     "WorkerResult",
+    "raise_own_fd_limit",
     "run_worker",
     "worker_process",
 ]
@@ -343,6 +344,17 @@ async def _report(run: Run, report: Callable[[int], None]) -> None:
         report(run.progress)
 
 
+def raise_own_fd_limit(plan: WorkerPlan) -> int:
+    """Raise this process's open-file limit for the plan's sockets (as far as
+    the hard limit allows: a shortfall shows as failed connections); the
+    open files it needs."""
+    from server.admission import raise_fd_limit
+
+    sockets = len(plan.cold) + len(plan.hot) + len(plan.watched) + len(plan.service_tokens)
+    raise_fd_limit(sockets + FD_SPARE)
+    return sockets + FD_SPARE
+
+
 def worker_process(plan: WorkerPlan, ready: Any, progress: Any, out: Any, go: Any = None) -> None:
     """Entry point of a load-generator process (``multiprocessing``): ``ready``
     an Event, ``progress`` a shared array of reply counts, ``out`` a queue that
@@ -360,11 +372,8 @@ def worker_process(plan: WorkerPlan, ready: Any, progress: Any, out: Any, go: An
 
     import uvloop
 
-    from server.admission import raise_fd_limit
-
     gc.disable()
-    sockets = len(plan.cold) + len(plan.hot) + len(plan.watched) + len(plan.service_tokens)
-    raise_fd_limit(sockets + FD_SPARE)
+    raise_own_fd_limit(plan)
 
     def report(count: int) -> None:
         progress[plan.index] = count
