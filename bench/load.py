@@ -185,9 +185,7 @@ async def _load(plan: WorkerPlan, run: Run, conns: dict[str, Conn]) -> None:
     waiting = [record for c in conns.values() for record in c.pending.values()]
     result.unanswered = sum(1 for _, s, _, _ in [*waiting, *run.lost] if run.measured(s))
     result.missing_pushes = sum(1 for _, v in run.purchases_seen.items() if run.measured(v))
-    result.missing_watch_pushes = sum(
-        1 for sent, _ in run.changes_seen.values() if run.measured(sent)
-    )
+    result.missing_watch_pushes = len(run.changes_seen)  # (measured changes only)
 
 
 def _rss() -> int:

@@ -343,7 +343,10 @@ class Run:
                     self._push_latency(sent, pushed)
                 else:
                     self.purchases_seen[key] = sent
-            if ok and kind in CHANGES and user in self.watch_users and message.version is not None:
+            if (
+                ok and kind in CHANGES and user in self.watch_users
+                and message.version is not None and self.measured(scheduled)
+            ):  # fmt: skip
                 self._change_replied(user, message.version, sent, now)
         if slot is not None:
             slot.free()  # a closed loop sends its next request now
@@ -380,9 +383,9 @@ class Run:
             self.watch_pushes_seen.setdefault(key, now)
 
     def _watch_latency(self, sent: float, replied: float, pushed: float) -> None:
-        if self.measured(sent):
-            self.result.watch_latencies.append((pushed - sent) * 1000)
-            self.result.watch_after_reply.append((pushed - replied) * 1000)
+        """A measured change (scheduled in the window, as the requests counted)."""
+        self.result.watch_latencies.append((pushed - sent) * 1000)
+        self.result.watch_after_reply.append((pushed - replied) * 1000)
 
     def _push_latency(self, sent: float, pushed: float) -> None:
         if self.measured(sent):
