@@ -86,7 +86,7 @@ def _server(watch: ServerWatch, connected: int) -> dict[str, Any]:
 
 
 def _mb(value: Any) -> str:
-    return "-" if value is None else f"{value / MB:,.1f} MB"
+    return "-" if value is None else f"{value / MB:,.1f} MiB"
 
 
 def _ms(value: Any) -> str:
