@@ -114,7 +114,12 @@ def _ms(value: Any) -> str:
 
 def run_table(result: dict[str, Any]) -> Table:
     s = result["settings"]
-    mode = f"open loop {s['rate']:.0f}/s" if s.get("rate") else f"closed loop depth {s['depth']}"
+    if s.get("pace"):
+        mode = f"paced, a request per connection every {s['pace']:g} s"
+    elif s.get("rate"):
+        mode = f"open loop {s['rate']:.0f}/s"
+    else:
+        mode = f"closed loop depth {s['depth']}"
     title = (
         f"{result['name']}: {mode}, {s['connections']} connections, {s['users']} users"
         f"{', hot' if s.get('hot') else ''}, {s['duration']:.0f} s"

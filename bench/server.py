@@ -50,6 +50,7 @@ class BenchServer:
         self.extra_env = dict(extra_env or {})
         self.secret = secrets.token_urlsafe(48)
         self.port = 0
+        self.http_port = 0  # /metrics
         self.data_dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -69,12 +70,13 @@ class BenchServer:
     def start(self, timeout: float = 180.0) -> BenchServer:
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"loadout-bench-{self.core}-"))
         self.port = _free_port()
+        self.http_port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADOUT_", "RAY_ADDRESS"))}
         env.update(
             LOADOUT_DATA_DIR=str(self.data_dir),
             LOADOUT_HOST="127.0.0.1",
             LOADOUT_PORT=str(self.port),
-            LOADOUT_HTTP_PORT=str(_free_port()),
+            LOADOUT_HTTP_PORT=str(self.http_port),
             LOADOUT_SECRET=self.secret,
             LOADOUT_RATE_PER_SECOND="1000000000",
             LOADOUT_RATE_BURST="1000000000",

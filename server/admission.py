@@ -16,7 +16,10 @@ and could otherwise take a new address for every connection.
 The file-descriptor limit: every connection is a socket, so a gateway that
 may hold ``LOADOUT_MAX_CONNECTIONS`` of them needs a soft ``RLIMIT_NOFILE``
 above that (1,024 by default on many systems).  ``raise_fd_limit`` raises the
-soft limit as far as the hard limit allows, once at start-up.
+soft limit as far as the hard limit allows, once at start-up, and
+``connection_limit`` lowers the connections a gateway admits to what the
+limit it got leaves room for: past it, ``accept`` would fail with EMFILE and
+clients would wait in the listen backlog instead of being refused (503).
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ from typing import Any
 from picows import WSAutoPingStrategy, WSUpgradeRequest, WSUpgradeResponseWithListener
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
-__all__ = ["FD_HEADROOM", "Upgrade", "address_key", "raise_fd_limit", "serve_websockets"]
+__all__ = [
+    "FD_HEADROOM",
+    "Upgrade",
+    "address_key",
+    "connection_limit",
+    "raise_fd_limit",
+    "serve_websockets",
+]
 
 log = logging.getLogger("loadout.admission")
 
@@ -169,3 +179,18 @@ def raise_fd_limit(needed: int) -> tuple[int, int]:
             target, hard, needed,
         )  # fmt: skip
     return soft, target
+
+
+def connection_limit(max_connections: int) -> int:
+    """Raise the open-file limit for ``max_connections`` WebSockets (and
+    ``FD_HEADROOM``); the connections a gateway may then admit:
+    ``max_connections``, or fewer when the hard limit is short (logged)."""
+    _, soft = raise_fd_limit(max_connections + FD_HEADROOM)
+    if soft == resource.RLIM_INFINITY or soft - FD_HEADROOM >= max_connections:
+        return max_connections
+    allowed = max(1, soft - FD_HEADROOM)
+    log.warning(
+        "admitting at most %d connections, not the %d of LOADOUT_MAX_CONNECTIONS: "
+        "the open-file limit is %d", allowed, max_connections, soft,
+    )  # fmt: skip
+    return allowed

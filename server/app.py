@@ -31,7 +31,7 @@ from persistence.embedded import EmbeddedPostgres, EmbeddedRedis
 from persistence.orders import order_owner
 from persistence.schema import migrate
 from server import cluster
-from server.admission import FD_HEADROOM, raise_fd_limit
+from server.admission import connection_limit
 from server.batching import Backend, ShardBatcher
 from server.commerce import Commerce, CommerceSettings
 from server.config import Settings
@@ -288,7 +288,9 @@ def run_server(
     # A server that starts services of its own owns its data directory: taken
     # before anything is started or cleaned up there.
     lock = lock_data_dir(settings.data_dir) if settings.embedded else None
-    raise_fd_limit(settings.max_connections + FD_HEADROOM)
+    settings = dataclasses.replace(
+        settings, max_connections=connection_limit(settings.max_connections)
+    )
     services = start_services(settings)
     metrics = Metrics()
     supervisor = Supervisor(

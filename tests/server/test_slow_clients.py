@@ -309,3 +309,28 @@ def test_the_open_file_limit_is_raised_up_to_the_hard_limit() -> None:
     assert done.stdout.split("\n")[:4] == ["(256, 256)", "(256, 400)", "(400, 512)", "(512, 512)"]
     assert "raised the open-file limit from 256 to 400" in done.stderr
     assert "short of the 5000" in done.stderr
+
+
+def test_a_gateway_admits_no_more_connections_than_the_open_file_limit_allows() -> None:
+    """With a hard limit of 1,536 open files, LOADOUT_MAX_CONNECTIONS of
+    20,000 cannot be met: the gateway admits what the limit leaves room for
+    (refusing the rest with 503) rather than failing ``accept`` with EMFILE."""
+    script = (
+        "import logging, resource\n"
+        "logging.basicConfig(level='INFO', format='%(levelname)s %(message)s')\n"
+        "from server.admission import FD_HEADROOM, connection_limit\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1536))\n"
+        "print(connection_limit(100), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "print(connection_limit(20000), 1536 - FD_HEADROOM)\n"
+    )
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1536:
+        pytest.skip("the hard open-file limit is below 1536")
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    enough, short = done.stdout.split("\n")[:2]
+    assert enough == "100 1124"  # 100 + FD_HEADROOM: raised, and all admitted
+    assert short == "512 512"
+    assert "admitting at most 512 connections, not the 20000" in done.stderr
