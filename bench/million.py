@@ -4,12 +4,15 @@
   COPY (``bench.bulkload``), in the database a ``loadout`` command finds
   (``LOADOUT_DATA_DIR`` or ``LOADOUT_DATABASE_URL``); reports rows/s.
 * ``drive``: against a running server, a random ``--active`` of the loaded
-  users each play one short session (connect as the player, purchase,
-  ``state``, disconnect), ``--sessions`` at a time; then ``--cold`` other
-  loaded users are read one at a time with ``inspect``, twice each (cold:
-  activated from PostgreSQL; warm: resident), as ``python -m bench.cold``
-  does.  Shards' resident users (``/metrics``) and, with ``--server-pid``,
-  the shard processes' resident memory are sampled throughout.
+  users each get a grant, pipelined over one admin connection (``loadout
+  bench``'s funding: each activates its user from PostgreSQL and journals a
+  change); then ``--players`` of them each play one short session (connect
+  as the player, purchase, ``state``, disconnect), ``--sessions`` at a time;
+  then ``--cold`` other loaded users are read one at a time with
+  ``inspect``, twice each (cold: activated from PostgreSQL; warm: resident),
+  as ``python -m bench.cold`` does.  Shards' resident users (``/metrics``,
+  refreshed every few seconds) and, with ``--server-pid``, the shard
+  processes' resident memory are sampled throughout.
 * ``restart``: with ``--server-pid``, SIGKILL the shard actors' processes
   (children of that server) and time until a user of each shard is served
   again (Ray restarts the actor; it takes a new epoch and serves).
@@ -43,6 +46,8 @@ from server.config import Settings
 __all__ = ["add_commands", "shard_processes"]
 
 SUBPROTOCOL = "loadout.v1.msgpack"
+#: Seconds for the gateway's /metrics to catch up with the shards' stats.
+METRICS_SETTLE = 12.0
 
 
 def add_commands(bench: argparse.ArgumentParser) -> None:
@@ -61,7 +66,8 @@ def add_commands(bench: argparse.ArgumentParser) -> None:
     _target(drive)
     drive.add_argument("--count", type=int, required=True, help="users loaded")
     drive.add_argument("--prefix", default="m", help="id prefix (default m)")
-    drive.add_argument("--active", type=int, default=100_000, help="users who play a session")
+    drive.add_argument("--active", type=int, default=100_000, help="users granted gems")
+    drive.add_argument("--players", type=int, default=5000, help="of them, who play a session")
     drive.add_argument("--skip", type=int, default=0, help="draw after this many (a second set)")
     drive.add_argument("--sessions", type=int, default=64, help="sessions at a time")
     drive.add_argument("--cold", type=int, default=2000, help="users read cold, one at a time")
@@ -144,7 +150,8 @@ def _shard_rss(server_pid: int | None) -> list[int]:
     return sizes
 
 
-_RESIDENT = re.compile(r'^loadout_shard_resident_users\{shard="(\d+)"\} ([0-9.e+]+)$', re.M)
+_RESIDENT = re.compile(r"^loadout_shard_resident_users\{([^}]*)\} (\S+)$", re.M)
+_SHARD = re.compile(r'shard="(\d+)"')
 
 
 def _residents(metrics: str | None) -> dict[str, int]:
@@ -152,7 +159,12 @@ def _residents(metrics: str | None) -> dict[str, int]:
         return {}
     with urllib.request.urlopen(metrics, timeout=5) as reply:
         text = reply.read().decode()
-    return {shard: int(float(value)) for shard, value in _RESIDENT.findall(text)}
+    out = {}
+    for labels, value in _RESIDENT.findall(text):
+        shard = _SHARD.search(labels)
+        if shard is not None:
+            out[shard.group(1)] = int(float(value))
+    return out
 
 
 class Sampler:
@@ -291,6 +303,8 @@ def _cmd_drive(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _drive(args: argparse.Namespace, secret: str) -> int:
+    from bench.main import fund_users  # (bench.main registers these commands)
+
     rng = random.Random(args.seed)
     # One shuffle of every index, cut in turn: a second run with --skip draws
     # users that the first did not touch.
@@ -303,22 +317,37 @@ async def _drive(args: argparse.Namespace, secret: str) -> int:
     background = asyncio.create_task(sampler.run())
     sessions = Sessions(args.url, secret, secrets.token_hex(3))
     try:
-        took = await _run_sessions(sessions, active, args.sessions)
+        funding = time.perf_counter()
+        failures = await fund_users(args.url, secret, active)
+        funded = time.perf_counter() - funding
+        await asyncio.sleep(METRICS_SETTLE)
+        after_grants = await sampler.sample("after grants")
+        players = active[: args.players]
+        took = await _run_sessions(sessions, players, args.sessions)
+        await asyncio.sleep(METRICS_SETTLE)
         after_sessions = await sampler.sample("after sessions")
         cold_result = await cold_reads(args.url, secret, cold) if cold else {}
+        await asyncio.sleep(METRICS_SETTLE)
         after_cold = await sampler.sample("after cold reads")
     finally:
         background.cancel()
     result = {
         "count": args.count, "active": args.active, "skip": args.skip,
-        "sessions_at_a_time": args.sessions, "seconds": round(took, 1),
-        "sessions_per_s": round(args.active / took, 1),
+        "grants": {"seconds": round(funded, 1), "per_s": _rate(len(active), funded),
+                   "failures": failures},
+        "players": len(players), "sessions_at_a_time": args.sessions,
+        "seconds": round(took, 1), "sessions_per_s": _rate(len(players), took),
         "latency_ms": {k: summary(v) for k, v in sessions.latencies.items()},
         "errors": sessions.errors, "cold_reads": {"users": len(cold), **cold_result},
+        "before": sampler.samples[0], "after_grants": after_grants,
         "after_sessions": after_sessions, "after_cold": after_cold, "samples": sampler.samples,
     }  # fmt: skip
     _emit(result, args.out)
-    return 0 if not sessions.errors else 1
+    return 0 if not sessions.errors and not failures else 1
+
+
+def _rate(count: int, seconds: float) -> float | None:
+    return round(count / seconds, 1) if seconds else None
 
 
 def _emit(result: dict[str, Any], out: str | None) -> None:
