@@ -15,7 +15,6 @@ user, which is what serializes mutations of one user without locks.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -130,8 +129,14 @@ class KeyRecord(NamedTuple):
     version: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class UserState:
+    """One user in a shard's memory.  A shard holds up to hundreds of
+    thousands, so what an idle user costs counts (BENCHMARKS.md, "A million
+    users"): slots, no ``__dict__``; a plain dict for the keys (insertion
+    order is their age); a list for the ledger tail (a ``deque`` allocates a
+    block of 64 slots, about 600 bytes, for a single entry)."""
+
     user_id: str
     version: int = 0
     balance: int = 0
@@ -143,12 +148,13 @@ class UserState:
     redeemed: set[str] = field(default_factory=set)
     #: Idempotency records in memory, oldest first: every key whose change is
     #: not yet durable, and the latest durable ones (see ``trim_keys``).
-    keys: OrderedDict[str, KeyRecord] = field(default_factory=OrderedDict)
+    keys: dict[str, KeyRecord] = field(default_factory=dict)
     #: True while ``keys`` holds every key this user ever used.
     keys_complete: bool = True
     #: The highest version known to be durable (the shard sets it after a flush).
     durable_version: int = 0
-    ledger: deque[LedgerEntry] = field(default_factory=lambda: deque(maxlen=LEDGER_IN_MEMORY))
+    #: The latest ledger entries, oldest first, at most ``LEDGER_IN_MEMORY``.
+    ledger: list[LedgerEntry] = field(default_factory=list)
     #: True while ``ledger`` holds every ledger entry this user has.
     ledger_complete: bool = True
 
@@ -179,8 +185,8 @@ class UserState:
     def remember(self, key: str, record: KeyRecord) -> None:
         """Keep a key's record in memory (a new change's, or one read back
         from the journal).  Nothing is dropped here: see ``trim_keys``."""
+        self.keys.pop(key, None)  # (re)inserted last: the newest
         self.keys[key] = record
-        self.keys.move_to_end(key)
 
     def mark_durable(self, version: int) -> None:
         self.durable_version = max(self.durable_version, version)
@@ -654,9 +660,10 @@ def evolve(state: UserState, change: Change) -> None:
     state.version = change.version
     change.ledger = ledger
     if ledger is not None:
-        if len(state.ledger) == state.ledger.maxlen:
-            state.ledger_complete = False  # the oldest entry leaves memory
         state.ledger.append(ledger)
+        if len(state.ledger) > LEDGER_IN_MEMORY:
+            del state.ledger[0]
+            state.ledger_complete = False  # the oldest entry leaves memory
 
 
 def _grant(state: UserState, grants: list[Line]) -> None:
