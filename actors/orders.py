@@ -176,7 +176,7 @@ def decide_ship(state: UserState, request: ShipOrder) -> list[AnyEvent]:
 
 
 def open_order(state: UserState, event: OrderOpened, at: int) -> None:
-    state.orders[event.order] = OrderMemo(
+    state.own_orders()[event.order] = OrderMemo(
         event.purchase, event.sku, event.delivery, event.quantity, event.total,
         OrderStatus.PENDING, at,
     )  # fmt: skip
@@ -188,7 +188,7 @@ def open_order(state: UserState, event: OrderOpened, at: int) -> None:
             if forgotten.status is OrderStatus.CANCELLED:
                 # Its gems came back: remembered as refunded, so that no
                 # operator's refund of its purchase pays them out again.
-                state.refunded.add(forgotten.purchase)
+                state.refunded = state.refunded | {forgotten.purchase}
 
 
 def move_order(state: UserState, event: OrderMoved) -> None:

@@ -8,7 +8,6 @@ balance.  Pure data, no decisions: the rules live in ``actors.user``,
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -99,8 +98,24 @@ class KeyRecord(NamedTuple):
     version: int
 
 
-@dataclass(eq=False)
+#: What almost every user has of orders and payment transactions: nothing.
+#: Users share these two empty dicts (about 130 bytes a user saved) and are
+#: given their own on their first order or payment (``own_orders``,
+#: ``own_topups``); nothing may ever be put in them.
+NO_ORDERS: dict[str, OrderMemo] = {}
+NO_TOPUPS: dict[str, TopUpMemo] = {}
+NO_REFUNDS: frozenset[str] = frozenset()
+
+
+@dataclass(eq=False, slots=True)
 class UserState:
+    """One user in a shard's memory.  A shard holds up to hundreds of
+    thousands, so what an idle user costs counts (BENCHMARKS.md, "A million
+    users"): slots, no ``__dict__``; a plain dict for the keys (insertion
+    order is their age); a list for the ledger tail (a ``deque`` allocates a
+    block of 64 slots, about 600 bytes, for a single entry); the purchases
+    refunded are a shared empty ``frozenset`` until there is one."""
+
     user_id: str
     version: int = 0
     balance: int = 0
@@ -117,19 +132,20 @@ class UserState:
     #: anything else is credited; no purchase while any remains.
     debt: int = 0
     #: The user's orders (id -> memo), oldest first; see ``actors.orders``.
-    orders: dict[str, OrderMemo] = field(default_factory=dict)
+    orders: dict[str, OrderMemo] = field(default_factory=lambda: NO_ORDERS)
     #: Purchases an operator refunded (each once).
-    refunded: set[str] = field(default_factory=set)
+    refunded: frozenset[str] = NO_REFUNDS
     #: Payment providers' transactions seen (id -> memo).
-    topups: dict[str, TopUpMemo] = field(default_factory=dict)
+    topups: dict[str, TopUpMemo] = field(default_factory=lambda: NO_TOPUPS)
     #: Idempotency records in memory, oldest first: every key whose change is
     #: not yet durable, and the latest durable ones (see ``trim_keys``).
-    keys: OrderedDict[str, KeyRecord] = field(default_factory=OrderedDict)
+    keys: dict[str, KeyRecord] = field(default_factory=dict)
     #: True while ``keys`` holds every key this user ever used.
     keys_complete: bool = True
     #: The highest version known to be durable (the shard sets it after a flush).
     durable_version: int = 0
-    ledger: deque[LedgerEntry] = field(default_factory=lambda: deque(maxlen=LEDGER_IN_MEMORY))
+    #: The latest ledger entries, oldest first, at most ``LEDGER_IN_MEMORY``.
+    ledger: list[LedgerEntry] = field(default_factory=list)
     #: True while ``ledger`` holds every ledger entry this user has.
     ledger_complete: bool = True
 
@@ -166,9 +182,9 @@ class UserState:
             snap.email,
             snap.address,
             snap.debt,
-            snap.orders,
-            set(snap.refunded),
-            snap.topups,
+            snap.orders or NO_ORDERS,
+            frozenset(snap.refunded) if snap.refunded else NO_REFUNDS,
+            snap.topups or NO_TOPUPS,
             keys_complete=False,
             ledger_complete=False,
             durable_version=version,
@@ -177,8 +193,19 @@ class UserState:
     def remember(self, key: str, record: KeyRecord) -> None:
         """Keep a key's record in memory (a new change's, or one read back
         from the journal).  Nothing is dropped here: see ``trim_keys``."""
+        self.keys.pop(key, None)  # (re)inserted last: the newest
         self.keys[key] = record
-        self.keys.move_to_end(key)
+
+    def own_orders(self) -> dict[str, OrderMemo]:
+        """The user's orders, to add one to (not the shared empty dict)."""
+        if self.orders is NO_ORDERS:
+            self.orders = {}
+        return self.orders
+
+    def own_topups(self) -> dict[str, TopUpMemo]:
+        if self.topups is NO_TOPUPS:
+            self.topups = {}
+        return self.topups
 
     def mark_durable(self, version: int) -> None:
         self.durable_version = max(self.durable_version, version)

@@ -605,9 +605,10 @@ def evolve(state: UserState, change: Change) -> None:
     state.version = change.version
     change.ledger = ledger
     if ledger is not None:
-        if len(state.ledger) == state.ledger.maxlen:
-            state.ledger_complete = False  # the oldest entry leaves memory
         state.ledger.append(ledger)
+        if len(state.ledger) > LEDGER_IN_MEMORY:
+            del state.ledger[0]
+            state.ledger_complete = False  # the oldest entry leaves memory
 
 
 def _evolve_money(state: UserState, event: AnyEvent, at: int, entry: Callable[..., None]) -> None:
@@ -626,14 +627,14 @@ def _evolve_money(state: UserState, event: AnyEvent, at: int, entry: Callable[..
                 state.balance -= charge
                 entry("purchase", -charge, sku)
         case RefundedPurchase(purchase=purchase, amount=amount, gems=gems):
-            state.refunded.add(purchase)
+            state.refunded = state.refunded | {purchase}
             state.balance -= gems
             entry("refund", money.credit(state, amount) - gems)
         case PaidIn(transaction=transaction, gems=gems, refunded=False):
-            state.topups[transaction] = TopUpMemo(gems)
+            state.own_topups()[transaction] = TopUpMemo(gems)
             entry("topup", money.credit(state, gems))
         case PaidIn(transaction=transaction, gems=gems, refunded=True):
-            seen = state.topups.setdefault(transaction, TopUpMemo(0))
+            seen = state.own_topups().setdefault(transaction, TopUpMemo(0))
             seen.refunded = True
             entry("chargeback", money.charge_back(state, gems))
         case _:  # pragma: no cover

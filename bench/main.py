@@ -34,6 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from websockets.asyncio.client import ClientConnection, connect
 
 from bench.load import WorkerPlan, worker_process
+from bench.million import add_commands
 from bench.report import comparison_table, machine, merge, plot, run_table, write_json
 from bench.scale import ServerWatch, scale, scale_table
 from bench.server import BenchServer
@@ -59,6 +60,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     add_arguments(bench)
     bench.set_defaults(run=_cmd_bench)
+    add_commands(bench)  # loadout bench users ...
 
 
 def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:

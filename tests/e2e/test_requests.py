@@ -30,6 +30,8 @@ async def test_welcome_and_state_of_a_new_user(server: ServerProcess, binary: bo
         "balance": 0,
         "inventory": [],
         "profiles": [{"profile": "main", "game": None, "equipped": {}}],
+        "contact": {"email": None, "address": None},
+        "debt": 0,
     }
 
 
