@@ -201,7 +201,7 @@ async def serve_async(
         await readiness.start()
         gateway.readiness = readiness.body
         commerce = Commerce(
-            CommerceSettings.from_env(settings.data_dir), pool, backend, holder.current
+            CommerceSettings.from_env(settings.data_dir), pool, backend, holder.current, metrics
         )
         gateway.order_owner = functools.partial(order_owner, pool)
         http = HttpServer(

@@ -19,6 +19,7 @@ from server.batching import Backend
 from server.config import ConfigError
 from server.fulfillment import FulfillmentWorker, WorkerSettings
 from server.mail import mailer_from
+from server.metrics import Metrics
 from server.shop import ShopClient
 from server.webhooks import WebhookSecrets, webhook_routes
 
@@ -103,6 +104,7 @@ class Commerce:
         pool: asyncpg.Pool,
         backend: Backend,
         catalog: Callable[[], Catalog],
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         mailer = mailer_from(settings.smtp_url, settings.data_dir, ca_file=settings.smtp_ca_file)
@@ -111,9 +113,15 @@ class Commerce:
             if settings.shopify_url
             else None
         )
-        self.worker = FulfillmentWorker(pool, backend, mailer, self.shop, catalog, settings.worker)
+        self.worker = FulfillmentWorker(
+            pool, backend, mailer, self.shop, catalog, settings.worker,
+            lambda delivery, outcome: metrics.fulfillment.labels(delivery, outcome).inc(),
+        )  # fmt: skip
         secrets_ = WebhookSecrets(settings.shopify_webhook_secret, settings.payments_webhook_secret)
-        self.routes: list[Route] = webhook_routes(pool, backend, secrets_, self.worker.poke)
+        self.routes: list[Route] = webhook_routes(
+            pool, backend, secrets_, self.worker.poke,
+            lambda source, outcome: metrics.webhooks.labels(source, outcome).inc(),
+        )  # fmt: skip
 
     def start(self) -> None:
         if self.settings.run_worker:

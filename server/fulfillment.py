@@ -57,7 +57,9 @@ class FulfillmentWorker:
         shop: ShopClient | None,
         catalog: Callable[[], Catalog],
         settings: WorkerSettings,
+        count: Callable[[str, str], None] = lambda delivery, outcome: None,
     ) -> None:
+        self._count = count
         self._pool = pool
         self._backend = backend
         self._mailer = mailer
@@ -66,8 +68,6 @@ class FulfillmentWorker:
         self.settings = settings
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self.done = 0
-        self.failed = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="fulfillment")
@@ -139,6 +139,7 @@ class FulfillmentWorker:
         await self._mailer.send(render(voucher, self.settings.sender))
         log.info("order %s: voucher emailed to user %s", due.order, due.user_id)
         await self._advance(due, OrderStatus.COMPLETED, voucher=code)
+        self._count(due.delivery, "done")
 
     async def _keep_voucher(self, order: str) -> str:
         for _ in range(3):
@@ -158,6 +159,7 @@ class FulfillmentWorker:
         await outbox.keep_shop_order(self._pool, due.order, shop_order)
         log.info("order %s placed at the shop as %s", due.order, shop_order)
         await self._advance(due, OrderStatus.PROCESSING, shop_order=shop_order)
+        self._count(due.delivery, "done")
 
     async def _advance(
         self,
@@ -184,12 +186,13 @@ class FulfillmentWorker:
                 error, wait,
             )  # fmt: skip
             await outbox.note_failure(self._pool, due.order, error, wait)
+            self._count(due.delivery, "retry")
             return
         log.error("order %s failed after %d attempts: %s", due.order, due.attempts, error)
         await outbox.note_failure(self._pool, due.order, error, self.settings.lease)
         try:
             await self._advance(due, OrderStatus.FAILED)
-            self.failed += 1
+            self._count(due.delivery, "failed")
         except RequestError as exc:
             if exc.code is not ErrorCode.NOT_CANCELLABLE:
                 log.warning("order %s: could not record the failure (%s)", due.order, exc)

@@ -83,6 +83,15 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
 
+        self.fulfillment = Counter(
+            "loadout_fulfillment_attempts", "Fulfillment attempts by delivery and outcome"
+            " (done, retry, failed).", ["delivery", "outcome"], registry=self.registry,
+        )  # fmt: skip
+        self.webhooks = Counter(
+            "loadout_webhooks", "Webhook deliveries by source and outcome.",
+            ["source", "outcome"], registry=self.registry,
+        )  # fmt: skip
+
         # Children by label values: ``labels()`` costs more than the increment.
         self._counts: dict[tuple[str, str], Any] = {}
         self._latencies: dict[str, Any] = {}

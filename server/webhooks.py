@@ -70,12 +70,26 @@ def _key(*parts: str) -> str:
 
 
 def _answer(status: int, **body: object) -> Response:
-    return JSONResponse(body, status)
+    outcome = body.get("outcome")
+    headers = {"x-loadout-outcome": str(outcome)} if outcome is not None else None
+    return JSONResponse(body, status, headers=headers)
 
 
 def webhook_routes(
-    pool: asyncpg.Pool, backend: Backend, secrets: WebhookSecrets, poke: Callable[[], None]
+    pool: asyncpg.Pool,
+    backend: Backend,
+    secrets: WebhookSecrets,
+    poke: Callable[[], None],
+    count: Callable[[str, str], None] = lambda source, outcome: None,
 ) -> list[Route]:
+    """The two webhook routes; ``count(source, outcome)`` counts every delivery."""
+
+    async def counted(source: str, answer: Awaitable[Response]) -> Response:
+        response = await answer
+        outcome = response.headers.get("x-loadout-outcome") or str(response.status_code)
+        count(source, outcome)
+        return response
+
     async def received(request: Request, check: Callable[[bytes], bool]) -> bytes | Response:
         try:
             raw = await _body(request)
@@ -128,9 +142,15 @@ def webhook_routes(
             pool, "payments", payment.id, ask(backend, payment.user, request_), poke
         )
 
+    async def shopify_counted(request: Request) -> Response:
+        return await counted("shopify", shopify(request))
+
+    async def payments_counted(request: Request) -> Response:
+        return await counted("payments", payments(request))
+
     return [
-        Route("/v1/webhooks/shopify", shopify, methods=["POST"]),
-        Route("/v1/webhooks/payments", payments, methods=["POST"]),
+        Route("/v1/webhooks/shopify", shopify_counted, methods=["POST"]),
+        Route("/v1/webhooks/payments", payments_counted, methods=["POST"]),
     ]
 
 

@@ -219,6 +219,14 @@ async def test_payments_credit_once_and_chargebacks_make_debt(server: ServerProc
             ok = await c.request({"type": "purchase", "key": "p3", "sku": "plat.life.extra",
                                   "price": 20})  # fmt: skip
             assert ok["type"] == "purchased" and ok["balance"] == 180
+        metrics = (await http.get(f"http://127.0.0.1:{server.http_port}/metrics")).text
+        counted = {
+            line.split("{")[1].split("}")[0]: float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("loadout_webhooks_total{")
+        }
+        assert counted['outcome="401",source="payments"'] >= 2
+        assert counted['outcome="applied",source="payments"'] >= 53
 
 
 async def test_ids_the_database_cannot_hold_are_bad_requests(server: ServerProcess) -> None:
