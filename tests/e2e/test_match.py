@@ -9,26 +9,22 @@ saw a push out of version order nor a version gap."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import pytest
 
 from actors.catalog import demo_catalog_text
 from protocol.messages import Role
-from tests.e2e.support import Client, ServerProcess, new_user, two_gateways
+from tests.e2e.match_server import WAIT, Live, WatcherView, gone
+from tests.e2e.support import ServerProcess, new_user, two_gateways
 from tests.e2e.test_cli import make_database
 
 PLAYERS = 100
 ROUNDS = 4
 START = 1000  # LOADOUT_STARTING_BALANCE
 FLASH = "match.flash"
-#: Waits on something the server must do: generous, for a loaded machine.
-WAIT = 30.0
 
 EXTRA = "".join(
     f'\n[[items]]\nsku = "match.badge.{n}"\nname = "Badge {n}"\ncategory = "match"\n'
@@ -59,177 +55,6 @@ def gateways(
         yield a, b
     for proc in (a, b):
         assert "Traceback" not in proc.log_path.read_text(errors="replace"), proc.tail(200)
-
-
-class Live:
-    """A connection read all the time (so that pushes never back up): replies
-    settle their requests, pushes are kept and handed to ``on_push``."""
-
-    def __init__(
-        self, client: Client, on_push: Callable[[dict[str, Any]], None] | None = None
-    ) -> None:
-        self.client = client
-        self.on_push = on_push
-        self.pushes: list[dict[str, Any]] = []
-        self.error: BaseException | None = None
-        #: Replies to no request of ours (none are expected).
-        self.strays: list[dict[str, Any]] = []
-        self._replies: dict[Any, asyncio.Future[dict[str, Any]]] = {}
-        self._changed = asyncio.Condition()
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    @classmethod
-    async def open(cls, server: ServerProcess, user: str, **kwargs: Any) -> Live:
-        on_push = kwargs.pop("on_push", None)
-        return cls(await Client.open(server, user, **kwargs), on_push)
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                message = self._decode(await self.client.ws.recv())
-                if "rid" in message:
-                    if message["type"] == "watching" and self.on_push is not None:
-                        self.on_push(message)  # (snapshots before the pushes that follow)
-                    waiting = self._replies.pop(message["rid"], None)
-                    if waiting is None:
-                        self.strays.append(message)
-                    else:
-                        waiting.set_result(message)
-                    continue
-                self.pushes.append(message)
-                if self.on_push is not None:
-                    self.on_push(message)
-                async with self._changed:
-                    self._changed.notify_all()
-        except BaseException as exc:
-            self.error = exc
-            for waiting in self._replies.values():
-                if not waiting.done():
-                    waiting.set_exception(ConnectionError(f"connection lost: {exc!r}"))
-            async with self._changed:
-                self._changed.notify_all()
-            raise
-
-    def _decode(self, frame: bytes | str) -> dict[str, Any]:
-        """(Not ``Client.recv``: its ``wait_for`` may swallow a cancellation.)"""
-        if self.client.binary:
-            assert isinstance(frame, bytes), "msgpack replies come in binary frames"
-            decoded: dict[str, Any] = msgspec.msgpack.decode(frame)
-        else:
-            assert isinstance(frame, str), "json replies come in text frames"
-            decoded = msgspec.json.decode(frame)
-        return decoded
-
-    async def request(self, message: dict[str, Any], timeout: float = WAIT) -> dict[str, Any]:
-        """Send and await the reply; ``rate_limited`` is waited out and retried."""
-        for _ in range(50):
-            rid = f"r{next(_rids)}"
-            reply = self._replies[rid] = asyncio.get_running_loop().create_future()
-            await self.client.send({**message, "rid": rid})
-            try:
-                async with asyncio.timeout(timeout):  # (wait_for may swallow a cancel)
-                    answer = await reply
-            except TimeoutError:
-                raise AssertionError(f"no reply in {timeout}s to {message}") from None
-            if answer.get("code") != "rate_limited":
-                return answer
-            await asyncio.sleep(answer["retry_after_ms"] / 1000)
-        raise AssertionError(f"rate limited for good: {message}")
-
-    async def until(
-        self, ready: Callable[[], bool], what: Callable[[], str], timeout: float = WAIT
-    ) -> None:
-        """Wait until ``ready()`` holds after some push (else fail, saying ``what()``)."""
-
-        def done() -> bool:
-            return ready() or self.error is not None
-
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                await self._changed.wait_for(done)
-        except TimeoutError:
-            raise AssertionError(f"not within {timeout}s: {what()}") from None
-        assert self.error is None, f"{what()}: connection lost: {self.error!r}"
-
-    async def close(self) -> None:
-        self._reader.cancel()
-        with contextlib.suppress(BaseException):
-            await self._reader
-        await self.client.close()
-
-
-_rids = itertools.count(1)
-
-
-@dataclass
-class Seen:
-    """A watched user as the watcher knows them: snapshot plus pushes."""
-
-    version: int
-    balance: int
-    inventory: dict[str, dict[str, Any]]
-    profiles: dict[str, dict[str, Any]]
-    pushed: bool = False  # ``version`` came from a push, not from the snapshot
-    flash_held: bool = False
-    flash_left: bool = False
-
-
-@dataclass
-class WatcherView:
-    """What the match server learns, from the watcher's frames only."""
-
-    users: dict[str, Seen] = field(default_factory=dict)
-    #: Every breach of §11 seen: a push before the snapshot, out of order, a gap.
-    faults: list[str] = field(default_factory=list)
-
-    def __call__(self, message: dict[str, Any]) -> None:
-        if message["type"] == "watching":
-            for s in message["users"]:
-                inventory = {i["sku"]: i for i in s["inventory"]}
-                profiles = {p["profile"]: p for p in s["profiles"]}
-                seen = Seen(s["version"], s["balance"], inventory, profiles)
-                seen.flash_held = FLASH in inventory
-                self.users[s["user"]] = seen
-        elif message["type"] in ("inventory", "loadout"):
-            self._apply(message)
-
-    def _apply(self, push: dict[str, Any]) -> None:
-        user, version = push["user"], push["version"]
-        seen = self.users.get(user)
-        if seen is None:
-            return self.faults.append(f"{user}: a push before its snapshot: {push}")
-        if version < seen.version or (version == seen.version and not seen.pushed):
-            self.faults.append(f"{user}: version {version} after {seen.version}: {push}")
-        elif version > seen.version + 1:
-            self.faults.append(f"{user}: a gap from {seen.version} to {version}")
-        seen.version, seen.pushed = max(seen.version, version), True
-        if push["type"] == "loadout":
-            seen.profiles[push["profile"]] = {k: push[k] for k in ("profile", "game", "equipped")}
-            return None
-        seen.balance = push["balance"]
-        for item in push["items"]:
-            if item["quantity"]:
-                seen.inventory[item["sku"]] = item
-            else:
-                seen.inventory.pop(item["sku"], None)
-        if any(i["sku"] == FLASH and i["quantity"] for i in push["items"]):
-            seen.flash_held = True
-        if seen.flash_held and any(i == _gone(FLASH) for i in push["items"]):
-            seen.flash_left = True
-        return None
-
-    def as_state(self, user: str) -> dict[str, Any]:
-        seen = self.users[user]
-        return {
-            "version": seen.version,
-            "balance": seen.balance,
-            "inventory": seen.inventory,
-            "profiles": seen.profiles,
-        }
-
-
-def _gone(sku: str) -> dict[str, Any]:
-    return {"sku": sku, "quantity": 0, "expires_at": None}
 
 
 def _as_view(state: dict[str, Any]) -> dict[str, Any]:
@@ -276,7 +101,7 @@ class Player:
 def _expiry(pushes: list[dict[str, Any]]) -> int | None:
     """The version of the push that took the flash banner away, if any."""
     for push in pushes:
-        if push["type"] == "inventory" and _gone(FLASH) in push["items"]:
+        if push["type"] == "inventory" and gone(FLASH) in push["items"]:
             version: int = push["version"]
             return version
     return None
@@ -370,7 +195,7 @@ async def _expiries(
     """The watcher sees every flash banner leave; then the match may end."""
 
     def left() -> list[str]:
-        return [u for u in users if not view.users[u].flash_left]
+        return [u for u in users if FLASH not in view.users[u].left]
 
     await watcher.until(lambda: not left(), lambda: f"the watcher never saw {FLASH} leave {left()}")
     expired.set()
@@ -403,12 +228,16 @@ async def _match(players: list[Player], watcher: Live, view: WatcherView, admin:
         await played.wait()
         await _watch(watcher, view, late)
 
-    async with asyncio.timeout(120), asyncio.TaskGroup() as match:
-        for p in players:
-            match.create_task(_play(p, played, expired))
-        match.create_task(_operate(admin, [p for i, p in enumerate(players) if i % 5 in (2, 4)]))
-        match.create_task(_expiries(watcher, view, flash, expired))
-        match.create_task(watch_late())
+    granted = [p for i, p in enumerate(players) if i % 5 in (2, 4)]
+    try:
+        async with asyncio.timeout(120), asyncio.TaskGroup() as match:
+            for p in players:
+                match.create_task(_play(p, played, expired))
+            match.create_task(_operate(admin, granted))
+            match.create_task(_expiries(watcher, view, flash, expired))
+            match.create_task(watch_late())
+    except TimeoutError:
+        raise AssertionError("the match did not end within 120 s") from None
 
 
 async def test_a_match_end_to_end(gateways: tuple[ServerProcess, ServerProcess]) -> None:
@@ -441,7 +270,10 @@ async def _check(players: list[Player], watcher: Live, view: WatcherView, admin:
     def behind() -> list[str]:
         return [u for u, v in final.items() if view.users[u].version < v["version"]]
 
-    await watcher.until(lambda: not behind(), lambda: f"the watcher lags on {behind()}")
+    await watcher.until(
+        lambda: not behind(),
+        lambda: f"the watcher lags on {behind()}; first faults: {view.faults[:5]}",
+    )
     assert view.faults == []
     for p in players:
         assert view.as_state(p.user) == final[p.user], p.user
@@ -451,5 +283,5 @@ async def _check(players: list[Player], watcher: Live, view: WatcherView, admin:
         for profile in state["profiles"].values():
             assert "banner" not in profile["equipped"], (p.user, profile)
         if p.flash:
-            assert view.users[p.user].flash_left, p.user
+            assert FLASH in view.users[p.user].left, p.user
             assert set(state["profiles"]) == {"main", "arena"}
