@@ -15,25 +15,51 @@ import msgspec
 from msgspec import Struct
 
 from protocol.messages import (
+    Consume,
+    CreateProfile,
+    Equip,
+    Grant,
     InventoryEntry,
     LedgerEntry,
     ProfileView,
+    Purchase,
+    Redeem,
+    RenameProfile,
     ServerReply,
     StateReply,
+    Unequip,
 )
-from protocol.money import Address, ContactView, OrderStatus
+from protocol.money import (
+    Address,
+    AdvanceOrder,
+    CancelOrder,
+    ContactView,
+    OrderStatus,
+    Payment,
+    Refund,
+    RetryOrder,
+    SetContact,
+    ShipOrder,
+)
 
 __all__ = [
     "KEYS_IN_MEMORY",
     "LEDGER_IN_MEMORY",
     "Holding",
     "KeyRecord",
+    "Mutation",
     "OrderMemo",
     "Profile",
     "Snapshot",
     "TopUpMemo",
     "UserState",
 ]
+
+#: Requests that change a user (through ``actors.user.handle``).
+Mutation = (
+    Purchase | Consume | CreateProfile | Equip | Unequip | Grant | RenameProfile | Redeem
+    | SetContact | CancelOrder | Refund | RetryOrder | ShipOrder | AdvanceOrder | Payment
+)  # fmt: skip
 
 #: Durable idempotency keys kept in memory per user; older ones are looked up
 #: in the journal, which keeps them.  Keys not yet durable are never dropped

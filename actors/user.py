@@ -42,11 +42,14 @@ from actors.events import (
     UsedUp,
 )
 from actors.money import PurchaseFacts, unequip_everywhere
+from actors.purchase import decide_purchase, decide_redeem, purchase_id, redeem_check
+from actors.replies import pushes, reply_to
 from actors.state import (
     KEYS_IN_MEMORY,
     LEDGER_IN_MEMORY,
     Holding,
     KeyRecord,
+    Mutation,
     OrderMemo,
     Profile,
     TopUpMemo,
@@ -55,46 +58,24 @@ from actors.state import (
 from protocol.errors import ErrorCode, RequestError
 from protocol.messages import (
     MAX_GEMS,
-    BundleEntry,
     Consume,
-    Consumed,
     CreateProfile,
-    Delivery,
     Equip,
-    Equipped,
     Grant,
-    Granted,
-    InventoryEntry,
-    InventoryPush,
     ItemKind,
-    ItemStatus,
     LedgerEntry,
-    LoadoutPush,
-    ProfileCreated,
-    ProfileRenamed,
     Purchase,
-    Purchased,
     Redeem,
-    Redeemed,
     RenameProfile,
     Reply,
     ServerMessage,
-    ServerReply,
     Unequip,
-    Unequipped,
 )
 from protocol.money import (
     AdvanceOrder,
     CancelOrder,
-    Contact,
-    FulfillmentPush,
-    OrderCancelled,
-    OrderStatus,
-    OrderUpdated,
     Payment,
-    PaymentApplied,
     Refund,
-    Refunded,
     RetryOrder,
     SetContact,
     ShipOrder,
@@ -115,19 +96,15 @@ __all__ = [
     "fingerprint",
     "handle",
     "new_user",
+    "purchase_id",
+    "pushes",
+    "redeem_check",
     "replay",
     "same_request",
 ]
 
 MAX_PROFILES = 32
-MAX_INVENTORY_ENTRIES = 10_000
-MAX_HELD = 2**31 - 1
 MAIN_PROFILE = "main"
-
-Mutation = (
-    Purchase | Consume | CreateProfile | Equip | Unequip | Grant | RenameProfile | Redeem
-    | SetContact | CancelOrder | Refund | RetryOrder | ShipOrder | AdvanceOrder | Payment
-)  # fmt: skip
 
 
 @dataclass
@@ -252,10 +229,10 @@ def handle(
         else _decide(state, request, catalog, now, allowance)
     )
     if not events:  # nothing to change (e.g. equipping what is already equipped)
-        return Outcome(msgspec.structs.replace(_reply(state, request, None), rid=request.rid))
+        return Outcome(msgspec.structs.replace(reply_to(state, request, None), rid=request.rid))
     change = _change(state, now, request.__struct_config__.tag, events, key)  # type: ignore[arg-type]
     evolve(state, change)
-    reply = _reply(state, request, change)
+    reply = reply_to(state, request, change)
     if key is not None:
         change.fingerprint = fingerprint(request)
         change.reply = reply
@@ -284,9 +261,9 @@ def _decide(
 ) -> list[AnyEvent]:
     match request:
         case Purchase():
-            return _decide_purchase(state, request, catalog, now, allowance)
+            return decide_purchase(state, request, catalog, now, allowance)
         case Redeem():
-            return _decide_redeem(state, request, catalog, now, allowance)
+            return decide_redeem(state, request, catalog, now, allowance)
         case Consume():
             item = catalog.lookup(request.sku)
             held = state.inventory.get(request.sku)
@@ -387,134 +364,6 @@ def next_expiry(state: UserState) -> int | None:
     return min(times) if times else None
 
 
-def _decide_purchase(
-    state: UserState, request: Purchase, catalog: Catalog, now: int, allowance: bool | None = None
-) -> list[AnyEvent]:
-    # PROTOCOL.md §3 "Purchase" and §10, checked in this order.
-    item = catalog.items.get(request.sku)
-    if item is None or item.status is not ItemStatus.ACTIVE:
-        raise RequestError(ErrorCode.UNKNOWN_ITEM, f"{request.sku!r} is not for sale")
-    price, _ = catalog.price_at(item, now)
-    if request.price != price:
-        raise RequestError(ErrorCode.PRICE_CHANGED, f"the price of {request.sku!r} is now {price}")
-    if item.bundle is None and not item.stackable and request.quantity != 1:
-        raise RequestError(
-            ErrorCode.LIMIT_EXCEEDED, f"{request.sku!r} is held once and bought one at a time"
-        )
-    lines = (
-        [(line.sku, line.quantity * request.quantity) for line in item.bundle]
-        if item.bundle is not None
-        else [(item.sku, request.quantity)]
-    )
-    ordered = item.bundle is None and item.delivery in (Delivery.EMAIL, Delivery.PHYSICAL)
-    pack = item.pack_gems
-    if ordered or pack:
-        lines = []  # delivered outside, or a gem pack: nothing is held
-        cap = item.hold_cap
-        if ordered and cap is not None and request.quantity > cap:
-            raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"at most {cap} of {item.sku!r} at once")
-    # A bundle's own duration, if it has one, applies to everything it grants.
-    duration = item.duration_ms if item.bundle is not None else None
-    grants = [_grant_line(state, catalog, sku, quantity, now, duration) for sku, quantity in lines]
-    limit = catalog.limit_for(item)
-    if limit is not None:
-        times = [t for t in state.recent.get(item.sku, ()) if t > now - limit.per_ms]
-        if len(times) >= limit.count:
-            wait = times[-limit.count] + limit.per_ms - now
-            raise RequestError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"at most {limit.count} of {request.sku!r} per {limit.per}",
-                retry_after_ms=max(1, wait),
-            )
-    total = price * request.quantity
-    if state.debt:
-        raise RequestError(
-            ErrorCode.INSUFFICIENT_FUNDS, f"a debt of {state.debt} gems must be repaid first"
-        )
-    if total > state.balance:
-        raise RequestError(
-            ErrorCode.INSUFFICIENT_FUNDS, f"{total} gems needed, {state.balance} held"
-        )
-    gems = (item.bundle_gems + pack) * request.quantity
-    if state.balance - total + gems > MAX_GEMS:
-        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the balance would exceed its cap")
-    purchase = purchase_id(state.user_id, state.version + 1)
-    events: list[AnyEvent] = []
-    if ordered:
-        events.append(
-            orders.order_to_open(state, item.sku, item.delivery, request.quantity, total, purchase)
-        )
-    if item.stock is not None and not allowance:  # checked last: the saga reserved a unit
-        if allowance is None:  # the state changed since the shard decided to reserve
-            raise RequestError(ErrorCode.UNAVAILABLE, "please retry with the same key")
-        raise RequestError(ErrorCode.SOLD_OUT, f"{request.sku!r} is sold out")
-    track = limit.count if limit is not None else 0
-    return [Bought(purchase, item.sku, request.quantity, total, None, grants, gems, track), *events]
-
-
-def redeem_check(state: UserState, request: Redeem, catalog: Catalog, now: int) -> None:
-    """The user's side of a redemption, before any use of the code is reserved."""
-    promo = catalog.promos.get(request.code)
-    if promo is None:
-        raise RequestError(ErrorCode.UNKNOWN_CODE, "no such promo code")
-    expires = promo.expires_ms
-    if expires is not None and now >= expires:
-        raise RequestError(ErrorCode.CODE_EXPIRED, "this promo code has expired")
-    if request.code in state.redeemed:
-        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "you have redeemed this code already")
-
-
-def _decide_redeem(
-    state: UserState, request: Redeem, catalog: Catalog, now: int, allowance: bool | None
-) -> list[AnyEvent]:
-    # PROTOCOL.md §10: once per user (here), at most max_uses in all (the allowance).
-    redeem_check(state, request, catalog, now)
-    promo = catalog.promos[request.code]
-    grants = [_grant_line(state, catalog, line.sku, line.quantity, now) for line in promo.items]
-    if state.balance + promo.gems > MAX_GEMS:
-        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the balance would exceed its cap")
-    if allowance is None:  # the state changed since the shard decided to reserve
-        raise RequestError(ErrorCode.UNAVAILABLE, "please retry with the same key")
-    if not allowance:
-        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "this promo code has been used up")
-    return [PromoRedeemed(request.code, promo.gems, grants)]
-
-
-def _grant_line(
-    state: UserState,
-    catalog: Catalog,
-    sku: str,
-    quantity: int,
-    now: int,
-    duration: int | None = None,
-) -> Line:
-    """What granting ``quantity`` of ``sku`` adds, after the holding limits;
-    ``duration`` (ms) overrides the item's own (a bundle's applies to all)."""
-    item = catalog.lookup(sku)
-    assert item is not None, sku  # bundles are checked against their catalog
-    held = state.inventory.get(sku)
-    held_quantity = held.quantity if held else 0
-    duration = duration if duration is not None else item.duration_ms
-    if held is not None and (held.expires_at is None) != (duration is None):
-        # One holding has one expiry: timed and permanent units do not mix.
-        kind = "a time-limited" if duration is not None else "a permanent"
-        raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"{sku!r} is held; this would add {kind} one")
-    if not item.stackable and held_quantity:
-        if duration is None or held is None or held.expires_at is None:
-            raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"you already hold {sku!r}")
-        quantity = 0  # held once: buying again only extends the expiry
-    cap = item.hold_cap if item.hold_cap is not None else MAX_HELD
-    if held_quantity + quantity > cap:
-        raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"you may hold at most {cap} of {sku!r}")
-    if held is None and len(state.inventory) >= MAX_INVENTORY_ENTRIES:
-        raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the inventory is full")
-    expires_at = None
-    if duration is not None:  # buying again extends the expiry (PROTOCOL.md §10)
-        current = held.expires_at if held is not None and held.expires_at else now
-        expires_at = max(current, now) + duration
-    return Line(sku, quantity, expires_at)
-
-
 def _decide_equip(state: UserState, request: Equip, catalog: Catalog) -> list[AnyEvent]:
     # PROTOCOL.md §3, "Equip".
     profile = _profile(state, request.profile)
@@ -542,12 +391,6 @@ def _profile(state: UserState, name: str) -> Profile:
     if profile is None:
         raise RequestError(ErrorCode.UNKNOWN_PROFILE, f"no profile {name!r}")
     return profile
-
-
-def purchase_id(user_id: str, version: int) -> str:
-    """Unique per (user, version); the same on every replay of the journal."""
-    digest = hashlib.blake2b(f"{user_id}\0{version}".encode(), digest_size=10).hexdigest()
-    return "pur_" + digest
 
 
 def evolve(state: UserState, change: Change) -> None:
@@ -646,120 +489,3 @@ def _grant(state: UserState, grants: list[Line]) -> None:
         held = state.inventory.setdefault(line.sku, Holding(0, line.expires_at))
         held.quantity += line.quantity
         held.expires_at = line.expires_at
-
-
-def _reply(state: UserState, request: Mutation, change: Change | None) -> ServerReply:
-    version = state.version
-    match request:
-        case Purchase():
-            bought = change.events[0] if change else None
-            assert isinstance(bought, Bought)
-            return Purchased(
-                purchase=bought.purchase, sku=bought.sku, quantity=bought.quantity,
-                total=bought.total, balance=state.balance, version=version,
-            )  # fmt: skip
-        case Consume():
-            held = state.inventory.get(request.sku)
-            return Consumed(sku=request.sku, quantity=held.quantity if held else 0, version=version)
-        case CreateProfile():
-            return ProfileCreated(profile=request.profile, game=request.game, version=version)
-        case Equip():
-            return Equipped(
-                profile=request.profile, slot=request.slot, sku=request.sku, version=version
-            )
-        case Unequip():
-            return Unequipped(profile=request.profile, slot=request.slot, version=version)
-        case Grant():
-            return Granted(user=state.user_id, balance=state.balance, version=version)
-        case RenameProfile():
-            return ProfileRenamed(profile=request.name, version=version)
-        case Redeem():
-            redeemed = change.events[0] if change else None
-            assert isinstance(redeemed, PromoRedeemed)
-            return Redeemed(
-                code=redeemed.code, gems=redeemed.gems,
-                items=[BundleEntry(g.sku, g.quantity) for g in redeemed.grants],
-                balance=state.balance, version=version,
-            )  # fmt: skip
-        case _:
-            return _reply_money(state, request, change)
-    raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
-
-
-def _reply_money(state: UserState, request: Mutation, change: Change | None) -> ServerReply:
-    version = state.version
-    match request:
-        case SetContact():
-            return Contact(email=state.email, address=state.address, version=version)
-        case CancelOrder():
-            memo = state.orders[request.order]
-            return OrderCancelled(
-                order=request.order, refunded=memo.total, balance=state.balance, version=version
-            )
-        case Refund():
-            moved = change.events[-1] if change else None
-            assert isinstance(moved, RefundedPurchase)
-            return Refunded(
-                user=state.user_id, purchase=moved.purchase, amount=moved.amount,
-                balance=state.balance, version=version,
-            )  # fmt: skip
-        case RetryOrder() | ShipOrder() | AdvanceOrder():
-            status = state.orders[request.order].status
-            return OrderUpdated(order=request.order, status=status, version=version)
-        case Payment():
-            return PaymentApplied(
-                transaction=request.transaction, balance=state.balance, debt=state.debt,
-                version=version,
-            )  # fmt: skip
-    raise AssertionError(f"not a mutation: {request!r}")  # pragma: no cover
-
-
-def pushes(state: UserState, change: Change) -> list[ServerMessage]:
-    """The pushes a change causes (PROTOCOL.md §4), from the state after it."""
-    out: list[ServerMessage] = []
-    items: dict[str, InventoryEntry] = {}
-    money = False
-    profiles: set[str] = set()
-    renamed: dict[str, str] = {}
-    skus: list[str] = []
-    for event in change.events:
-        match event:
-            case Bought(sku=sku, grants=grants):
-                money = True
-                skus += [line.sku for line in grants] if grants is not None else [sku]
-            case PromoRedeemed(grants=grants):
-                money = True
-                skus += [line.sku for line in grants]
-            case UsedUp(sku=sku) | Expired(sku=sku):
-                skus.append(sku)
-            case ProfileAdded(profile=name) | SlotFilled(profile=name) | SlotCleared(profile=name):
-                profiles.add(name)
-            case Renamed(profile=old, name=new):
-                renamed[old] = new
-                profiles.add(old)
-            case Credited() | RefundedPurchase() | PaidIn():
-                money = True
-            case OrderOpened(order=order, sku=sku):
-                out.append(
-                    FulfillmentPush(order=order, sku=sku, status=OrderStatus.PENDING,
-                                    voucher=None, tracking=None, version=state.version)
-                )  # fmt: skip
-            case OrderMoved(order=order, refund=refund, charge=charge):
-                memo = state.orders[order]
-                out.append(
-                    FulfillmentPush(order=order, sku=memo.sku, status=event.status,
-                                    voucher=event.voucher, tracking=event.tracking,
-                                    version=state.version)
-                )  # fmt: skip
-                money = money or bool(refund or charge)
-    for sku in skus:
-        held = state.inventory.get(sku)
-        items[sku] = InventoryEntry(
-            sku, held.quantity if held else 0, held.expires_at if held else None
-        )
-    if money or items:
-        out.append(InventoryPush(state.version, state.balance, list(items.values())))
-    for name in sorted({renamed.get(n, n) for n in profiles}):
-        profile = state.profiles[name]
-        out.append(LoadoutPush(state.version, name, profile.game, dict(profile.equipped)))
-    return out
