@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from actors.catalog import Catalog
 from server.batching import Backend
-from server.config import ConfigError
+from server.config import ConfigError, env_number
 from server.fulfillment import FulfillmentWorker, WorkerSettings
 from server.mail import mailer_from
 from server.metrics import Metrics
@@ -26,19 +26,6 @@ from server.webhooks import WebhookSecrets, webhook_routes
 __all__ = ["Commerce", "CommerceSettings"]
 
 log = logging.getLogger("loadout.commerce")
-
-
-def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low:g} and {high:g}, not {raw}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -57,9 +44,9 @@ class CommerceSettings:
     def from_env(cls, data_dir: Path, env: Mapping[str, str] | None = None) -> CommerceSettings:
         env = os.environ if env is None else env
         worker = WorkerSettings(
-            attempts=int(_number(env, "LOADOUT_FULFILLMENT_ATTEMPTS", 5, 1, 100)),
-            backoff=_number(env, "LOADOUT_FULFILLMENT_BACKOFF", 30.0, 0.01, 86_400),
-            lease=_number(env, "LOADOUT_FULFILLMENT_LEASE", 120.0, 0.1, 86_400),
+            attempts=env_number(env, "LOADOUT_FULFILLMENT_ATTEMPTS", 5, 1, 100),
+            backoff=env_number(env, "LOADOUT_FULFILLMENT_BACKOFF", 30.0, 0.01, 86_400),
+            lease=env_number(env, "LOADOUT_FULFILLMENT_LEASE", 120.0, 0.1, 86_400),
             sender=env.get("LOADOUT_MAIL_FROM") or WorkerSettings.sender,
         )
         shop_url = env.get("LOADOUT_SHOPIFY_URL") or None

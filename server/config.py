@@ -94,7 +94,7 @@ def environment_help(*names: str) -> str:
 _N = TypeVar("_N", int, float)
 
 
-def _number(env: Mapping[str, str], name: str, default: _N, low: _N, high: _N) -> _N:
+def env_number(env: Mapping[str, str], name: str, default: _N, low: _N, high: _N) -> _N:
     """A numeric setting of the type of its default, within [low, high]."""
     raw = env.get(name)
     if raw is None or raw == "":
@@ -156,33 +156,35 @@ class Settings:
             raise ConfigError(f"LOADOUT_LOG_LEVEL must be a logging level, not {level!r}")
         return cls(
             host=env.get("LOADOUT_HOST") or "127.0.0.1",
-            port=_number(env, "LOADOUT_PORT", 8765, 0, 65535),
-            http_port=_number(env, "LOADOUT_HTTP_PORT", 8780, 0, 65535),
+            port=env_number(env, "LOADOUT_PORT", 8765, 0, 65535),
+            http_port=env_number(env, "LOADOUT_HTTP_PORT", 8780, 0, 65535),
             data_dir=data_dir,
             database_url=env.get("LOADOUT_DATABASE_URL") or None,
             redis_url=env.get("LOADOUT_REDIS_URL") or None,
             ray_address=env.get("RAY_ADDRESS") or None,
             secret=env.get("LOADOUT_SECRET") or "",
-            starting_balance=_number(env, "LOADOUT_STARTING_BALANCE", 0, 0, 2**53 - 1),
-            shards=_number(env, "LOADOUT_SHARDS", 2, 1, 1024),
+            starting_balance=env_number(env, "LOADOUT_STARTING_BALANCE", 0, 0, 2**53 - 1),
+            shards=env_number(env, "LOADOUT_SHARDS", 2, 1, 1024),
             partitions=(
-                _number(env, "LOADOUT_PARTITIONS", 256, 1, 65_536)
+                env_number(env, "LOADOUT_PARTITIONS", 256, 1, 65_536)
                 if env.get("LOADOUT_PARTITIONS")
                 else None
             ),
             ray_namespace=env.get("LOADOUT_RAY_NAMESPACE") or "loadout",
-            rate_per_second=_number(env, "LOADOUT_RATE_PER_SECOND", 100.0, 0.1, 1e9),
-            rate_burst=_number(env, "LOADOUT_RATE_BURST", 200, 1, 10**9),
-            flush_interval_ms=_number(env, "LOADOUT_FLUSH_INTERVAL_MS", 0.0, 0.0, 1000.0),
-            idle_seconds=_number(env, "LOADOUT_IDLE_SECONDS", 600.0, 1.0, 10**7),
-            max_connections=_number(env, "LOADOUT_MAX_CONNECTIONS", 20_000, 1, 10**7),
-            max_connections_per_ip=_number(env, "LOADOUT_MAX_CONNECTIONS_PER_IP", 1_000, 1, 10**7),
-            handshake_timeout=_number(env, "LOADOUT_HANDSHAKE_TIMEOUT", 10.0, 0.1, 3600.0),
-            connection_idle_timeout=_number(
+            rate_per_second=env_number(env, "LOADOUT_RATE_PER_SECOND", 100.0, 0.1, 1e9),
+            rate_burst=env_number(env, "LOADOUT_RATE_BURST", 200, 1, 10**9),
+            flush_interval_ms=env_number(env, "LOADOUT_FLUSH_INTERVAL_MS", 0.0, 0.0, 1000.0),
+            idle_seconds=env_number(env, "LOADOUT_IDLE_SECONDS", 600.0, 1.0, 10**7),
+            max_connections=env_number(env, "LOADOUT_MAX_CONNECTIONS", 20_000, 1, 10**7),
+            max_connections_per_ip=env_number(
+                env, "LOADOUT_MAX_CONNECTIONS_PER_IP", 1_000, 1, 10**7
+            ),
+            handshake_timeout=env_number(env, "LOADOUT_HANDSHAKE_TIMEOUT", 10.0, 0.1, 3600.0),
+            connection_idle_timeout=env_number(
                 env, "LOADOUT_CONNECTION_IDLE_TIMEOUT", 60.0, 21.0, 10**7
             ),
-            max_bad_frames=_number(env, "LOADOUT_MAX_BAD_FRAMES", 10, 0, 10**9),
-            max_watch=_number(env, "LOADOUT_MAX_WATCH", 10_000, 1, 10**7),
+            max_bad_frames=env_number(env, "LOADOUT_MAX_BAD_FRAMES", 10, 0, 10**9),
+            max_watch=env_number(env, "LOADOUT_MAX_WATCH", 10_000, 1, 10**7),
             log_level=level,
         )
 
