@@ -164,6 +164,7 @@ class RefundedPurchase(Event, tag="refund"):
     purchase: str
     amount: int
     gems: int = 0
+    sku: str | None = None
 
 
 class PaidIn(Event, tag="payment"):

@@ -146,5 +146,5 @@ def decide_refund(
         raise RequestError(ErrorCode.LIMIT_EXCEEDED, "the balance would exceed its cap")
     if memo is not None and memo.status not in FINAL:
         events.append(OrderMoved(order, OrderStatus.CANCELLED))
-    events.append(RefundedPurchase(facts.purchase, facts.total, facts.gems))
+    events.append(RefundedPurchase(facts.purchase, facts.total, facts.gems, facts.sku))
     return events

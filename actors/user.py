@@ -472,7 +472,7 @@ def _evolve_money(state: UserState, event: AnyEvent, at: int, entry: Callable[..
         case RefundedPurchase(purchase=purchase, amount=amount, gems=gems):
             state.refunded = state.refunded | {purchase}
             state.balance -= gems
-            entry("refund", money.credit(state, amount) - gems)
+            entry("refund", money.credit(state, amount) - gems, event.sku)
         case PaidIn(transaction=transaction, gems=gems, refunded=False):
             state.own_topups()[transaction] = TopUpMemo(gems)
             entry("topup", money.credit(state, gems))

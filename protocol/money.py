@@ -90,7 +90,9 @@ class Address(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=Tru
 
     def __post_init__(self) -> None:
         if self.country not in COUNTRIES:
-            raise ValueError(f"{self.country!r} is not an ISO 3166-1 alpha-2 country code")
+            raise ValueError(
+                f"country: {self.country!r} is not an ISO 3166-1 alpha-2 code (such as GB, US)"
+            )
 
 
 class Tracking(Struct, frozen=True):

@@ -214,7 +214,10 @@ async def serve_async(
         from actors.shard.actor import tune_collector
 
         tune_collector()
-        log.info("operators' HTTP on http://%s:%d (/metrics, /readyz)", settings.host, http.port)
+        log.info(
+            "operators' HTTP on http://%s:%d (/metrics, /readyz, /v1/webhooks/*)",
+            settings.host, http.port,
+        )  # fmt: skip
         log.info(
             "serving ws://%s:%d/v1/ws (%s, %d shards, catalog v%d)",
             settings.host, gateway.port, type(backend).__name__, len(handles),

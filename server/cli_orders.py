@@ -206,7 +206,8 @@ def _print_orders(orders: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title=f"{len(orders)} orders, newest first", title_justify="left")
-    for column in ("order", "user", "sku", "delivery", "status"):
+    named = ("order", "user", "purchase", "sku", "delivery", "status")
+    for column in named:
         table.add_column(column, no_wrap=True)
     table.add_column("attempts", justify="right")
     for column in ("voucher/tracking", "last_error", "created"):
@@ -219,7 +220,10 @@ def _print_orders(orders: list[dict[str, Any]]) -> None:
                                           tracking.get("url"))))  # fmt: skip
         created = datetime.fromtimestamp(o["created_at"] / 1000, UTC)
         table.add_row(
-            *(escape(str(o[k])) for k in ("order", "user", "sku", "delivery", "status")),
+            *(
+                escape(str(o[k]))
+                for k in ("order", "user", "purchase", "sku", "delivery", "status")
+            ),
             str(o["attempts"]),
             escape(sent),
             escape(o["last_error"] or ""),

@@ -41,7 +41,11 @@ ENVIRONMENT = {
     for s in (
         Setting("LOADOUT_HOST", "127.0.0.1", "address the gateway listens on"),
         Setting("LOADOUT_PORT", "8765", "WebSocket port (also /healthz, /readyz)"),
-        Setting("LOADOUT_HTTP_PORT", "8780", "operators' HTTP port: /metrics, /healthz, /readyz"),
+        Setting(
+            "LOADOUT_HTTP_PORT",
+            "8780",
+            "operators' HTTP port: /metrics, /healthz, /readyz, /v1/webhooks/*",
+        ),
         Setting("LOADOUT_DATA_DIR", ".loadout", "embedded services' data and the secret"),
         Setting("LOADOUT_DATABASE_URL", "embedded", "an existing PostgreSQL"),
         Setting("LOADOUT_REDIS_URL", "embedded", "an existing Redis (pushes, catalog notices)"),
@@ -68,7 +72,7 @@ ENVIRONMENT = {
         Setting("LOADOUT_FULFILLMENT_WORKER", "1", "0: this process runs no worker"),
         Setting("LOADOUT_SMTP_URL", "unset: <data dir>/outbox/", "smtp://user:pass@host:port"),
         Setting("LOADOUT_SMTP_CA_FILE", "system CAs", "CA file to trust for the SMTP server"),
-        Setting("LOADOUT_MAIL_FROM", "noreply@loadout.invalid", "sender of voucher emails"),
+        Setting("LOADOUT_MAIL_FROM", "Loadout <noreply@loadout.invalid>", "voucher emails' sender"),
         Setting("LOADOUT_SHOPIFY_URL", "unset: ship by hand", "the shop's Admin REST base URL"),
         Setting("LOADOUT_SHOPIFY_TOKEN", "unset", "the shop's access token"),
         Setting("LOADOUT_SHOPIFY_WEBHOOK_SECRET", "unset", "verifies the shop's webhooks"),
