@@ -566,7 +566,7 @@ def test_the_machine_reaches_every_outcome() -> None:
         collector = seen
 
     run_state_machine_as_test(
-        Collecting, settings=settings(RUNS, max_examples=100, derandomize=True)
+        Collecting, settings=settings(RUNS, max_examples=250, derandomize=True)
     )
     expected = {
         "Grant", "Purchase", "Consume", "SetContact", "Equip", "CancelOrder", "AdvanceOrder",
