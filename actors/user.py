@@ -15,7 +15,6 @@ user, which is what serializes mutations of one user without locks.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -397,20 +396,12 @@ def evolve(state: UserState, change: Change) -> None:
     """Apply a change's events: the only code that mutates a user."""
     if change.version != state.version + 1:
         raise ValueError(f"change {change.version} does not follow version {state.version}")
-    ledger: LedgerEntry | None = None
-    client_key = change.key[2:] if change.key else None
-
-    def entry(kind: str, amount: int, sku: str | None = None, quantity: int | None = None) -> None:
-        nonlocal ledger
-        ledger = LedgerEntry(
-            seq=change.version, at=change.at, kind=kind, amount=amount,
-            balance=state.balance, sku=sku, quantity=quantity, key=client_key,
-        )  # fmt: skip
-
+    #: The change's movement of gems, if any: (kind, amount, sku, quantity).
+    moved: _Moved | None = None
     for event in change.events:
         match event:
             case Credited(amount=amount, kind=kind):
-                entry(kind, money.credit(state, amount))
+                moved = (kind, money.credit(state, amount), None, None)
             case Bought(sku=sku, quantity=quantity, total=total):
                 grants = event.grants
                 if grants is None:  # the record format before bundles
@@ -421,11 +412,11 @@ def evolve(state: UserState, change: Change) -> None:
                     times = state.recent.setdefault(sku, [])
                     times.append(change.at)
                     del times[: -event.track]
-                entry("purchase", event.gems - total, sku, quantity)
+                moved = ("purchase", event.gems - total, sku, quantity)
             case PromoRedeemed(code=code, gems=gems, grants=grants):
                 _grant(state, grants)
                 state.redeemed.add(code)
-                entry("promo", money.credit(state, gems))
+                moved = ("promo", money.credit(state, gems), None, None)
             case Expired(sku=sku):
                 del state.inventory[sku]
             case Renamed(profile=old, name=new):
@@ -444,18 +435,28 @@ def evolve(state: UserState, change: Change) -> None:
             case SlotCleared(profile=name, slot=slot):
                 del state.profiles[name].equipped[slot]
             case _:
-                _evolve_money(state, event, change.at, entry)
+                moved = _evolve_money(state, event, change.at) or moved
     state.version = change.version
-    change.ledger = ledger
-    if ledger is not None:
-        state.ledger.append(ledger)
-        if len(state.ledger) > LEDGER_IN_MEMORY:
-            del state.ledger[0]
-            state.ledger_complete = False  # the oldest entry leaves memory
+    if moved is None:
+        change.ledger = None
+        return
+    ledger = change.ledger = LedgerEntry(
+        seq=change.version, at=change.at, kind=moved[0], amount=moved[1],
+        balance=state.balance, sku=moved[2], quantity=moved[3],
+        key=change.key[2:] if change.key else None,
+    )  # fmt: skip
+    state.ledger.append(ledger)
+    if len(state.ledger) > LEDGER_IN_MEMORY:
+        del state.ledger[0]
+        state.ledger_complete = False  # the oldest entry leaves memory
 
 
-def _evolve_money(state: UserState, event: AnyEvent, at: int, entry: Callable[..., None]) -> None:
-    """The events of PROTOCOL.md §12 (orders, contacts, refunds, payments)."""
+_Moved = tuple[str, int, str | None, int | None]
+
+
+def _evolve_money(state: UserState, event: AnyEvent, at: int) -> _Moved | None:
+    """The events of PROTOCOL.md §12 (orders, contacts, refunds, payments);
+    returns the gems they moved, if any."""
     match event:
         case ContactSet(email=email, address=address):
             state.email, state.address = email, address
@@ -465,23 +466,24 @@ def _evolve_money(state: UserState, event: AnyEvent, at: int, entry: Callable[..
             orders.move_order(state, event)
             sku = state.orders[event.order].sku
             if refund:
-                entry("refund", money.credit(state, refund), sku)
+                return ("refund", money.credit(state, refund), sku, None)
             if charge:
                 state.balance -= charge
-                entry("purchase", -charge, sku)
+                return ("purchase", -charge, sku, None)
         case RefundedPurchase(purchase=purchase, amount=amount, gems=gems):
             state.refunded = state.refunded | {purchase}
             state.balance -= gems
-            entry("refund", money.credit(state, amount) - gems, event.sku)
+            return ("refund", money.credit(state, amount) - gems, event.sku, None)
         case PaidIn(transaction=transaction, gems=gems, refunded=False):
             state.own_topups()[transaction] = TopUpMemo(gems)
-            entry("topup", money.credit(state, gems))
+            return ("topup", money.credit(state, gems), None, None)
         case PaidIn(transaction=transaction, gems=gems, refunded=True):
             seen = state.own_topups().setdefault(transaction, TopUpMemo(0))
             seen.refunded = True
-            entry("chargeback", money.charge_back(state, gems))
+            return ("chargeback", money.charge_back(state, gems), None, None)
         case _:  # pragma: no cover
             raise AssertionError(f"unknown event {event!r}")
+    return None
 
 
 def _grant(state: UserState, grants: list[Line]) -> None:
