@@ -252,11 +252,13 @@ BEGIN
     rejected := elsewhere;
     LOOP
         BEGIN
-            INSERT INTO reservation_outcomes (res, deadline, outcome)
-                SELECT o.res, o.deadline, o.outcome
-                  FROM unnest(o_user, o_res, o_deadline, o_outcome)
-                       AS o(user_id, res, deadline, outcome)
-                 WHERE o.user_id <> ALL (rejected);
+            IF cardinality(o_res) > 0 THEN  -- only limited items' and promos' changes
+                INSERT INTO reservation_outcomes (res, deadline, outcome)
+                    SELECT o.res, o.deadline, o.outcome
+                      FROM unnest(o_user, o_res, o_deadline, o_outcome)
+                           AS o(user_id, res, deadline, outcome)
+                     WHERE o.user_id <> ALL (rejected);
+            END IF;
             INSERT INTO journal (user_id, version, at, kind, key, change)
                 SELECT r.user_id, r.version, r.at, r.kind, r.key, r.change
                   FROM unnest(j_user, j_version, j_at, j_kind, j_key, j_change)
@@ -269,25 +271,30 @@ BEGIN
                               l_quantity, l_key)
                        AS l(user_id, seq, at, kind, amount, balance, sku, quantity, key)
                  WHERE l.user_id <> ALL (rejected);
-            INSERT INTO orders (order_id, user_id, purchase, sku, delivery, quantity, total,
-                                status, email, address, created_at, updated_at)
-                SELECT r.order_id, r.user_id, r.purchase, r.sku, r.delivery, r.quantity,
-                       r.total, 'pending', r.email, r.address::jsonb, r.at, r.at
-                  FROM unnest(r_user, r_order, r_purchase, r_sku, r_delivery, r_quantity,
-                              r_total, r_email, r_address, r_at)
-                       AS r(user_id, order_id, purchase, sku, delivery, quantity, total, email,
-                            address, at)
-                 WHERE r.user_id <> ALL (rejected);
-            UPDATE orders AS o
-               SET status = m.status, voucher = coalesce(m.voucher, o.voucher),
-                   tracking = coalesce(m.tracking::jsonb, o.tracking),
-                   shop_order = coalesce(m.shop, o.shop_order), updated_at = m.at,
-                   attempts = CASE WHEN m.status = 'pending' THEN 0 ELSE o.attempts END,
-                   next_attempt_at = CASE WHEN m.status IN ('pending', 'cancelled') THEN now()
-                                          ELSE o.next_attempt_at END
-              FROM unnest(m_user, m_order, m_status, m_voucher, m_tracking, m_shop, m_at)
-                   AS m(user_id, order_id, status, voucher, tracking, shop, at)
-             WHERE m.user_id <> ALL (rejected) AND o.order_id = m.order_id;
+            -- Orders (PROTOCOL.md §12): most flushes have none, and skip both.
+            IF cardinality(r_order) > 0 THEN
+                INSERT INTO orders (order_id, user_id, purchase, sku, delivery, quantity, total,
+                                    status, email, address, created_at, updated_at)
+                    SELECT r.order_id, r.user_id, r.purchase, r.sku, r.delivery, r.quantity,
+                           r.total, 'pending', r.email, r.address::jsonb, r.at, r.at
+                      FROM unnest(r_user, r_order, r_purchase, r_sku, r_delivery, r_quantity,
+                                  r_total, r_email, r_address, r_at)
+                           AS r(user_id, order_id, purchase, sku, delivery, quantity, total, email,
+                                address, at)
+                     WHERE r.user_id <> ALL (rejected);
+            END IF;
+            IF cardinality(m_order) > 0 THEN
+                UPDATE orders AS o
+                   SET status = m.status, voucher = coalesce(m.voucher, o.voucher),
+                       tracking = coalesce(m.tracking::jsonb, o.tracking),
+                       shop_order = coalesce(m.shop, o.shop_order), updated_at = m.at,
+                       attempts = CASE WHEN m.status = 'pending' THEN 0 ELSE o.attempts END,
+                       next_attempt_at = CASE WHEN m.status IN ('pending', 'cancelled') THEN now()
+                                              ELSE o.next_attempt_at END
+                  FROM unnest(m_user, m_order, m_status, m_voucher, m_tracking, m_shop, m_at)
+                       AS m(user_id, order_id, status, voucher, tracking, shop, at)
+                 WHERE m.user_id <> ALL (rejected) AND o.order_id = m.order_id;
+            END IF;
             UPDATE users AS u
                SET version = n.version, balance = n.balance, state = n.state,
                    next_expiry = n.next_expiry, updated_at = now()
