@@ -29,7 +29,6 @@ __all__ = [
     "orders_report",
     "record_webhook",
     "shop_cancelled",
-    "shop_order_of",
 ]
 
 
@@ -134,13 +133,6 @@ async def note_failure(pool: asyncpg.Pool, order: str, error: str, retry_in: flo
 async def shop_cancelled(pool: asyncpg.Pool, order: str) -> None:
     """The shop knows the order is cancelled (it said so, or was told)."""
     await pool.execute("UPDATE orders SET shop_cancelled = true WHERE order_id = $1", order)
-
-
-async def shop_order_of(pool: asyncpg.Pool, order: str) -> str | None:
-    shop_order: str | None = await pool.fetchval(
-        "SELECT shop_order FROM orders WHERE order_id = $1", order
-    )
-    return shop_order
 
 
 async def order_owner(pool: asyncpg.Pool, order: str) -> str | None:
