@@ -171,18 +171,10 @@ async def list_orders(
 ) -> list[asyncpg.Record]:
     """A user's orders, newest first, after the order ``before`` (a page
     cursor); up to ``limit`` rows."""
-    if before is None:
-        rows: list[asyncpg.Record] = await pool.fetch(
-            f"SELECT {_COLUMNS} FROM orders WHERE user_id = $1"
-            " ORDER BY created_at DESC, order_id DESC LIMIT $2",
-            user_id,
-            limit,
-        )
-        return rows
-    rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM orders o WHERE user_id = $1"
-        " AND (created_at, order_id) < (SELECT created_at, order_id FROM orders"
-        "                                WHERE order_id = $2 AND user_id = $1)"
+    rows: list[asyncpg.Record] = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM orders WHERE user_id = $1"
+        " AND ($2::text IS NULL OR (created_at, order_id) < (SELECT created_at, order_id"
+        "      FROM orders WHERE order_id = $2 AND user_id = $1))"
         " ORDER BY created_at DESC, order_id DESC LIMIT $3",
         user_id,
         before,

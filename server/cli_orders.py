@@ -274,7 +274,19 @@ async def _admin(
     return 0
 
 
-def _run(command: str, settings: Settings, args: argparse.Namespace, request: Any) -> int:
+def _run(
+    command: str,
+    settings: Settings,
+    args: argparse.Namespace,
+    kind: type[Any],
+    fields: dict[str, Any],
+) -> int:
+    """Check the request's fields (exit 2 with a plain message), then send it."""
+    try:
+        request = _request(kind, fields)
+    except _InputError as exc:
+        print(f"loadout {command}: {exc}", file=sys.stderr)
+        return 2
     success = "refunded" if command == "refund" else "order_updated"
     return asyncio.run(_admin(settings, command, args.server, request, success))
 
@@ -282,33 +294,18 @@ def _run(command: str, settings: Settings, args: argparse.Namespace, request: An
 def _cmd_refund(settings: Settings, args: argparse.Namespace) -> int:
     from protocol.money import Refund
 
-    fields = {"user": args.user, "purchase": args.purchase, "key": args.key}
-    try:
-        request = _request(Refund, {**fields, "reason": args.reason})
-    except _InputError as exc:
-        print(f"loadout refund: {exc}", file=sys.stderr)
-        return 2
-    return _run("refund", settings, args, request)
+    fields = {"user": args.user, "purchase": args.purchase, "key": args.key, "reason": args.reason}
+    return _run("refund", settings, args, Refund, fields)
 
 
 def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     from protocol.money import RetryOrder
 
-    try:
-        request = _request(RetryOrder, {"order": args.order})
-    except _InputError as exc:
-        print(f"loadout order retry: {exc}", file=sys.stderr)
-        return 2
-    return _run("order retry", settings, args, request)
+    return _run("order retry", settings, args, RetryOrder, {"order": args.order})
 
 
 def _cmd_ship(settings: Settings, args: argparse.Namespace) -> int:
     from protocol.money import ShipOrder
 
     fields = {"order": args.order, "carrier": args.carrier, "number": args.number}
-    try:
-        request = _request(ShipOrder, {**fields, "url": args.url})
-    except _InputError as exc:
-        print(f"loadout order ship: {exc}", file=sys.stderr)
-        return 2
-    return _run("order ship", settings, args, request)
+    return _run("order ship", settings, args, ShipOrder, {**fields, "url": args.url})
